@@ -1,0 +1,108 @@
+"""Options and helpers shared by the commands (device, seed, output, data, architecture, evaluation set)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+F = Callable[..., Any]
+
+
+def _compose(*decorators: F) -> Callable[[F], F]:
+    def apply(function: F) -> F:
+        for decorator in reversed(decorators):
+            function = decorator(function)
+        return function
+    return apply
+
+
+device_option = click.option("--device", default="auto", show_default=True,
+                             type=click.Choice(["auto", "cpu", "cuda"]),
+                             help="Where to compute; auto picks CUDA when available.")
+seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
+data_option = click.option("--data", default=None, metavar="SPEC",
+                           help="Dataset spec: digits, cifar10:PATH, cifar100:PATH, npz:PATH or module:function. "
+                                "Default: the one recorded in the checkpoint.")
+
+
+def out_option(default: str, help_text: str = "Results file (HDF5); one group per analysis.") -> Callable[[F], F]:
+    return click.option("--out", default=default, show_default=True, type=click.Path(dir_okay=False),
+                        help=help_text)
+
+
+def parse_json_object(ctx: click.Context, param: click.Parameter, value: str | None) -> dict | None:
+    if value is None:
+        return None
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise click.BadParameter(f"not valid JSON ({exc.msg}); example: '{{\"depth\": 16, \"width\": 4}}'") from None
+    if not isinstance(parsed, dict):
+        raise click.BadParameter("must be a JSON object, e.g. '{\"bn\": false}'")
+    return parsed
+
+
+arch_options = _compose(
+    click.option("--arch", default=None, metavar="NAME|module:function",
+                 help="Architecture for foreign checkpoints (see `landscape models`)."),
+    click.option("--arch-kwargs", default=None, callback=parse_json_object, metavar="JSON",
+                 help="Keyword arguments for --arch, as a JSON object."),
+    click.option("--trust", is_flag=True, default=False,
+                 help="Allow loading pickled modules/TorchScript (runs code from the file: only for files you trust)."),
+)
+
+
+def eval_options(default_subset: int | None = None, default_bn: str = "eval") -> Callable[[F], F]:
+    return _compose(
+        click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
+                     help="Which split the evaluation set comes from."),
+        click.option("--subset", default=default_subset, show_default=True, type=click.IntRange(min=1),
+                     help="Use a fixed, seeded subset of N examples (recorded in the results)."),
+        click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
+                     help="Examples per forward pass (does not change the result)."),
+        click.option("--bn", default=default_bn, show_default=True, type=click.Choice(["eval", "train"]),
+                     help="BatchNorm: running statistics (eval) or batch statistics (train, buffers untouched)."),
+        click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
+                     help="Compute precision."),
+    )
+
+
+overwrite_options = _compose(
+    click.option("--overwrite", is_flag=True, default=False, help="Replace an existing result group."),
+    click.option("--resume", is_flag=True, default=False, help="Continue an interrupted run."),
+)
+
+
+def objective_from_options(checkpoint: str, *, data: str | None, split: str, subset: int | None, batch_size: int,
+                           bn: str, dtype: str, device: str, arch: str | None, arch_kwargs: dict | None,
+                           trust: bool, seed: int = 0, **_: Any):
+    """Build the Objective the shared options describe (the subset is drawn with ``seed``)."""
+    from landscape.objective import load_objective
+    return load_objective(checkpoint, data=data, split=split, subset=subset, subset_seed=seed,
+                          batch_size=batch_size, bn=bn, dtype=dtype, device=device, arch=arch,
+                          arch_kwargs=arch_kwargs, trust=trust)
+
+
+def parse_floats(text: str, name: str = "value") -> list[float]:
+    """Parse ``"0,0.1,0.2"`` into floats; a bad entry is a one-line usage error."""
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise click.UsageError(f"{name} must be comma-separated numbers, e.g. 0,0.05,0.1; got {text!r}") from None
+    if not values:
+        raise click.UsageError(f"{name} needs at least one number, e.g. 0,0.05,0.1")
+    return values
+
+
+def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0):
+    """A progress bar on stderr (hidden when stderr is not a terminal and LANDSCAPE_PROGRESS is unset)."""
+    import os
+
+    from tqdm.auto import tqdm
+    disable = not (sys.stderr.isatty() or os.environ.get("LANDSCAPE_PROGRESS"))
+    return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, disable=disable,
+                dynamic_ncols=True, leave=False)

@@ -1,0 +1,91 @@
+"""The ``landscape`` command group. Subcommands load lazily, so ``--help`` answers at once."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import click
+
+from landscape import __version__
+
+# name -> (module, attribute, one-line help shown without importing the module)
+COMMANDS: dict[str, tuple[str, str, str]] = {
+    "train": ("landscape.cli.train", "train", "Train a model with any registered optimizer; write a checkpoint."),
+    "optimizers": ("landscape.cli.train", "optimizers", "List the registered optimizers and their defaults."),
+    "hessian": ("landscape.cli.hessian", "hessian", "Hessian spectrum: top-k eigenvalues, density (SLQ), trace."),
+    "surface": ("landscape.cli.surface", "surface", "Filter-normalised 1-D/2-D loss surface (resumable)."),
+    "interpolate": ("landscape.cli.surface", "interpolate", "Loss along the line between two checkpoints."),
+    "radius": ("landscape.cli.surface", "radius", "Perturbed loss versus radius: adversarial (SAM) vs random."),
+    "cosine": ("landscape.cli.diagnostics", "cosine", "Gradient cosine stability and perturbed loss (R-SAM)."),
+    "ratio": ("landscape.cli.diagnostics", "ratio", "SAM/SGD gradient-ratio histograms (SSAM)."),
+    "plot": ("landscape.cli.plot", "plot", "Draw the figures of a results file (.h5)."),
+    "info": ("landscape.cli.info", "info", "Show a checkpoint's metadata or a results file's contents."),
+    "models": ("landscape.cli.info", "models", "List the built-in architectures."),
+    "datasets": ("landscape.cli.info", "datasets", "List the accepted dataset specs."),
+    "reproduce": ("landscape.cli.reproduce", "reproduce", "Regenerate every figure end to end."),
+}
+
+
+class InputError(click.ClickException):
+    """Bad input from the user: one line on stderr, exit code 2."""
+
+    exit_code = 2
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        module, attribute, _ = COMMANDS[name]
+        return getattr(importlib.import_module(module), attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, text) for name, (_, _, text) in COMMANDS.items()])
+
+    def invoke(self, ctx: click.Context):
+        from landscape.errors import LandscapeError
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except (LandscapeError, ValueError, OSError) as exc:
+            if os.environ.get("LANDSCAPE_DEBUG"):
+                raise
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
+            raise InputError(message) from None
+        except Exception as exc:  # a bug, not bad input: still one line, exit 1
+            if os.environ.get("LANDSCAPE_DEBUG"):
+                raise
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            click.echo(f"Internal error: {exc.__class__.__name__}: {first} "
+                       "(set LANDSCAPE_DEBUG=1 for the traceback and report it)", err=True)
+            sys.exit(1)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="landscape")
+def cli() -> None:
+    """Measure the geometry your optimizer found: Hessian spectra, loss surfaces,
+    perturbed loss versus radius, gradient diagnostics.
+
+    \b
+    Quick start on the embedded digits dataset:
+      landscape train --optimizer sam --out runs/sam.pt
+      landscape hessian runs/sam.pt --density --trace --out runs/sam.h5
+      landscape surface runs/sam.pt --out runs/sam.h5
+      landscape plot runs/sam.h5
+    """
+
+
+def main() -> None:
+    cli(prog_name="landscape")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""landscape: the geometry that sharpness-aware and random-perturbation optimizers find.
+
+The public API is re-exported here and imported lazily, so ``import landscape`` (and the
+CLI's ``--help``) stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "LandscapeError": "landscape.errors",
+    "Objective": "landscape.objective",
+    "load_objective": "landscape.objective",
+    "batchnorm_mode": "landscape.objective",
+    "load_dataset": "landscape.data",
+    "list_datasets": "landscape.data",
+    "build_model": "landscape.models",
+    "list_models": "landscape.models",
+    "load_checkpoint": "landscape.checkpoint",
+    "save_checkpoint": "landscape.checkpoint",
+    "Result": "landscape.results",
+    "load_result": "landscape.results",
+    "plot_file": "landscape.plotting",
+    "create_optimizer": ("landscape.optimizers", "create"),
+    "list_optimizers": "landscape.optimizers",
+    "train_model": "landscape.train",
+    "hessian_spectrum": "landscape.analysis.hessian",
+    "loss_surface": "landscape.analysis.surface",
+    "interpolate": "landscape.analysis.surface",
+    "radius_curve": "landscape.analysis.radius",
+    "cosine_stability": "landscape.analysis.cosine",
+    "gradient_ratio": "landscape.analysis.ratio",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'landscape' has no attribute {name!r}")
+    module_name, attribute = target if isinstance(target, tuple) else (target, name)
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

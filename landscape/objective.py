@@ -1,0 +1,262 @@
+"""Objective: a model, a loss and a fixed evaluation set, evaluated functionally.
+
+Every analysis goes through an :class:`Objective`. It holds its own copy of the weights
+(``params``) and buffers, evaluates ``torch.func.functional_call`` over the evaluation set in
+fixed batches, and never changes the model: parameters, buffers and train/eval flags are
+exactly as before after any call.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from landscape.errors import LandscapeError
+from landscape.params import select
+
+BN_MODES = ("eval", "train")
+_BATCHNORM = nn.modules.batchnorm._BatchNorm
+
+
+def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
+    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an input error."""
+    if isinstance(name, torch.device):
+        return name
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(name).startswith("cuda") and not torch.cuda.is_available():
+        raise LandscapeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise LandscapeError(f"unknown device {name!r}; use auto, cpu or cuda") from None
+
+
+@contextlib.contextmanager
+def batchnorm_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Temporarily set how the model normalises; everything is restored on exit.
+
+    - ``eval``: every module in eval mode; BatchNorm uses its running statistics.
+    - ``train``: every module in eval mode (no dropout) except BatchNorm, which uses the
+      statistics of the current batch without touching its running buffers.
+    - ``frozen``: module modes are kept; BatchNorm layers that are training use batch
+      statistics but do not update ``running_mean``/``running_var``/``num_batches_tracked``.
+      This is what the optimizers use on their perturbed passes.
+    """
+    if mode not in ("eval", "train", "frozen"):
+        raise LandscapeError(f"unknown BatchNorm mode {mode!r}; use eval or train")
+    saved = [(m, m.training, getattr(m, "track_running_stats", None)) for m in model.modules()]
+    try:
+        if mode != "frozen":
+            model.eval()
+        if mode != "eval":
+            for module in model.modules():
+                if isinstance(module, _BATCHNORM) and (mode == "train" or module.training):
+                    module.training = True
+                    module.track_running_stats = False
+        yield
+    finally:
+        for module, training, tracking in saved:
+            module.training = training
+            if tracking is not None:
+                module.track_running_stats = tracking
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, _BATCHNORM) for m in model.modules())
+
+
+def accuracy_count(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Number of correct argmax predictions (0-d tensor)."""
+    return (outputs.argmax(dim=-1) == targets).sum()
+
+
+class Objective:
+    """L(w) = mean loss of ``model`` over a fixed evaluation set.
+
+    Args:
+        model: the network; never modified.
+        inputs: evaluation inputs, shape (N, ...).
+        targets: class labels, shape (N,).
+        loss_fn: ``loss_fn(outputs, targets) -> mean loss``; cross-entropy by default.
+        batch_size: examples per forward pass; the last batch may be smaller and is weighted exactly.
+        bn: ``eval`` (running statistics) or ``train`` (batch statistics, buffers untouched).
+        dtype: compute dtype (e.g. ``torch.float64``); defaults to the model's.
+        device: where the weights and the whole evaluation set live.
+        source: provenance (checkpoint path, sha256, dataset spec, evaluation set recipe).
+    """
+
+    def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *,
+                 loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, batch_size: int = 256,
+                 bn: str = "eval", dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                 source: Mapping[str, Any] | None = None) -> None:
+        if bn not in BN_MODES:
+            raise LandscapeError(f"unknown --bn {bn!r}; use eval or train")
+        if batch_size < 1:
+            raise LandscapeError(f"--batch-size must be >= 1, got {batch_size}")
+        if len(inputs) != len(targets) or len(inputs) == 0:
+            raise LandscapeError(f"evaluation set has {len(inputs)} inputs and {len(targets)} targets; "
+                                 "they must be equal and non-zero")
+        first = next(model.parameters(), None)
+        if first is None:
+            raise LandscapeError("the model has no parameters")
+        self.model = model
+        self.device = resolve_device(device) if device is not None else first.device
+        self.dtype = dtype or first.dtype
+        self.loss_fn = loss_fn or F.cross_entropy
+        self.batch_size = int(batch_size)
+        self.bn = bn
+        self.source = dict(source or {})
+        self.params: dict[str, Tensor] = {n: self._cast(p) for n, p in model.named_parameters()}
+        self.buffers: dict[str, Tensor] = {n: self._cast(b) for n, b in model.named_buffers()}
+        self.frozen: dict[str, Tensor] = {}
+        self.inputs = self._cast(inputs)
+        self.targets = targets.detach().to(self.device)
+        self.hvp_count = 0
+
+    def _cast(self, tensor: Tensor) -> Tensor:
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        return tensor.detach().to(self.device, dtype, copy=True)
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.inputs)
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    def batches(self) -> Iterator[tuple[Tensor, Tensor, float]]:
+        """Fixed batches ``(x, y, weight)`` with ``weight = len(x) / N``."""
+        n = self.num_examples
+        for start in range(0, n, self.batch_size):
+            x = self.inputs[start:start + self.batch_size]
+            yield x, self.targets[start:start + self.batch_size], len(x) / n
+
+    def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
+        """Model outputs at ``params`` (a full or restricted dict) under the BatchNorm mode."""
+        with batchnorm_mode(self.model, self.bn):
+            return functional_call(self.model, ({**self.frozen, **params}, self.buffers), (x,), strict=False)
+
+    def batch_loss(self, params: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        """Mean loss on one batch; a pure function of ``params`` (usable under torch.func)."""
+        return self.loss_fn(self.outputs(params, x), y)
+
+    def _at(self, delta: Mapping[str, Tensor] | None, params: Mapping[str, Tensor] | None) -> dict[str, Tensor]:
+        base = dict(self.params if params is None else params)
+        if delta is not None:
+            for name, d in delta.items():
+                base[name] = base[name] + d
+        return base
+
+    def loss_and_accuracy(self, delta: Mapping[str, Tensor] | None = None,
+                          params: Mapping[str, Tensor] | None = None) -> tuple[float, float]:
+        """Exact mean loss and accuracy (fraction) at ``params + delta``."""
+        at = self._at(delta, params)
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        with torch.inference_mode():
+            for x, y, weight in self.batches():
+                out = self.outputs(at, x)
+                total += self.loss_fn(out, y).double() * weight
+                correct += accuracy_count(out, y)
+        return float(total), int(correct) / self.num_examples
+
+    def loss(self, delta: Mapping[str, Tensor] | None = None, params: Mapping[str, Tensor] | None = None) -> float:
+        return self.loss_and_accuracy(delta, params)[0]
+
+    def gradient(self, delta: Mapping[str, Tensor] | None = None,
+                 params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Gradient of the exact mean loss at ``params + delta``."""
+        at = self._at(delta, params)
+        total = {n: torch.zeros_like(t) for n, t in at.items()}
+        for x, y, weight in self.batches():
+            for name, g in grad(self.batch_loss)(at, x, y).items():
+                total[name].add_(g, alpha=weight)
+        return total
+
+    def hvp(self, vector: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Hessian-vector product H v at the base weights (forward-over-reverse)."""
+        self.hvp_count += 1
+        total = {n: torch.zeros_like(t) for n, t in self.params.items()}
+        for x, y, weight in self.batches():
+            _, hv = jvp(lambda p: grad(self.batch_loss)(p, x, y), (self.params,), (dict(vector),))
+            for name, t in hv.items():
+                total[name].add_(t, alpha=weight)
+        return total
+
+    def hvp_batched(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """K Hessian-vector products in one data pass; every tensor has a leading K dimension."""
+        k = next(iter(vectors.values())).shape[0]
+        self.hvp_count += k
+        total = {n: torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) for n, t in self.params.items()}
+
+        for x, y, weight in self.batches():
+            def single(v: dict[str, Tensor]) -> dict[str, Tensor]:
+                return jvp(lambda p: grad(self.batch_loss)(p, x, y), (self.params,), (v,))[1]
+            for name, t in vmap(single)(dict(vectors)).items():
+                total[name].add_(t, alpha=weight)
+        return total
+
+    def restrict(self, patterns: str | list[str]) -> Objective:
+        """The same objective over the parameters matching ``patterns`` (globs); others are held fixed."""
+        names = select(list(self.params), patterns)
+        sub = object.__new__(Objective)
+        sub.__dict__.update(self.__dict__)
+        sub.params = {n: self.params[n] for n in names}
+        sub.frozen = {**self.frozen, **{n: t for n, t in self.params.items() if n not in names}}
+        sub.hvp_count = 0
+        sub.source = {**self.source, "params": ",".join(names)}
+        return sub
+
+    def provenance(self) -> dict[str, Any]:
+        """Where this objective came from, for the results store."""
+        return dict(self.source)
+
+
+def indices_digest(indices: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(indices, dtype=np.int64).tobytes()).hexdigest()
+
+
+def load_objective(checkpoint: str, *, data: str | None = None, split: str = "train", subset: int | None = None,
+                   subset_seed: int = 0, batch_size: int = 256, bn: str = "eval", dtype: torch.dtype | str | None = None,
+                   device: str | torch.device = "auto", arch: str | None = None, arch_kwargs: Mapping | None = None,
+                   trust: bool = False) -> Objective:
+    """Build an :class:`Objective` from a checkpoint file and a dataset spec.
+
+    ``data`` defaults to the dataset recorded in a landscape checkpoint. ``subset`` picks a
+    deterministic subset (by ``subset_seed``) of the split; the recipe and a digest of the
+    chosen indices are recorded so the evaluation set can be rebuilt exactly.
+    """
+    from landscape.checkpoint import load_checkpoint
+    from landscape.data import eval_subset, load_dataset
+
+    if split not in ("train", "test"):
+        raise LandscapeError(f"unknown --split {split!r}; use train or test")
+    if isinstance(dtype, str):
+        if dtype not in ("float32", "float64"):
+            raise LandscapeError(f"unknown --dtype {dtype!r}; use float32 or float64")
+        dtype = getattr(torch, dtype)
+    dataset = load_dataset(data) if data else None
+    ckpt = load_checkpoint(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
+                           num_classes=dataset.num_classes if dataset else None,
+                           input_shape=dataset.input_shape if dataset else None)
+    spec = data or ckpt.meta.get("dataset")
+    if not spec:
+        raise LandscapeError(f"{checkpoint} does not record its dataset; pass --data (e.g. --data digits)")
+    dataset = dataset or load_dataset(spec)
+    x, y = dataset.split(split)
+    x, y, indices = eval_subset(x, y, subset, subset_seed)
+    source = {"checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "dataset": spec,
+              "eval_set": {"split": split, "subset": subset, "subset_seed": subset_seed, "n": len(indices),
+                           "indices_sha256": indices_digest(indices)}}
+    return Objective(ckpt.model, x, y, batch_size=batch_size, bn=bn, dtype=dtype,
+                     device=resolve_device(device), source=source)
