@@ -1,0 +1,312 @@
+"""Dataset specs as strings, read the same way by the CLI and by Python.
+
+Accepted specs (see :func:`list_datasets`):
+
+``digits``
+    scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes), shipped with
+    scikit-learn so it needs no download. Pixels (0..16) are standardised with the mean and
+    standard deviation of the *train split* (one channel, so per-channel equals global). A fixed
+    stratified 80/20 train/test split is drawn by ``seed``. Shape ``(N, 1, 8, 8)``.
+``cifar10:PATH`` / ``cifar100:PATH``
+    The standard "python version" pickle folders (``cifar-10-batches-py`` with ``data_batch_1..5``
+    and ``test_batch``; ``cifar-100-python`` with ``train`` and ``test``, fine labels). ``PATH`` is
+    that folder or its parent. Pixels are scaled to [0, 1] and normalised per channel with the
+    usual published CIFAR mean/std, so foreign checkpoints see the inputs they were trained on.
+    Shape ``(N, 3, 32, 32)``.
+``npz:PATH``
+    A NumPy ``.npz`` with ``x`` (N, ...) and integer labels ``y`` (N,), optionally ``x_test`` and
+    ``y_test``. Arrays are used as stored (no normalisation).
+``module:function``
+    User code: ``function()`` is called without arguments and returns a :class:`Dataset`, a tuple
+    ``(x, y)`` or a tuple ``(x, y, x_test, y_test)`` of arrays or tensors (used as returned).
+
+Inputs are float32 tensors, labels int64. The number of classes of ``npz`` and user data is
+``max(label) + 1`` over both splits.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pickle
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from landscape.errors import LandscapeError
+
+CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
+DIGITS_TEST_FRACTION = 0.2
+
+# Published per-channel statistics of the CIFAR training sets on the [0, 1] scale.
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+# (folder name, train files, test file, label key, number of classes)
+CIFAR_LAYOUT = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", b"labels", 10),
+    "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100),
+}
+
+DATASET_FORMS = [
+    ("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), stratified 80/20 split by seed"),
+    ("cifar10:PATH", "CIFAR-10 python-pickle folder (cifar-10-batches-py) or its parent"),
+    ("cifar100:PATH", "CIFAR-100 python-pickle folder (cifar-100-python) or its parent, fine labels"),
+    ("npz:PATH", "NumPy .npz with arrays x, y and optionally x_test, y_test"),
+    ("module:function", "user code: function() returns a Dataset, (x, y) or (x, y, x_test, y_test)"),
+]
+
+_FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A labelled train split and an optional test split.
+
+    ``x_*`` are float32 tensors ``(N, *input_shape)``, ``y_*`` int64 tensors ``(N,)``.
+    """
+
+    spec: str
+    name: str
+    x_train: Tensor
+    y_train: Tensor
+    x_test: Tensor | None
+    y_test: Tensor | None
+    num_classes: int
+    input_shape: tuple[int, ...]
+
+    def split(self, which: str) -> tuple[Tensor, Tensor]:
+        """Inputs and labels of the ``"train"`` or ``"test"`` split."""
+        if which == "train":
+            return self.x_train, self.y_train
+        if which == "test":
+            if self.x_test is None or self.y_test is None:
+                raise LandscapeError(f"dataset '{self.spec}' has no test split; use the train split "
+                                     "(--split train) or provide x_test and y_test")
+            return self.x_test, self.y_test
+        raise LandscapeError(f"unknown split '{which}'; use 'train' or 'test'")
+
+
+def list_datasets() -> list[tuple[str, str]]:
+    """Accepted dataset spec forms as ``(form, description)`` pairs."""
+    return list(DATASET_FORMS)
+
+
+def load_dataset(spec: str = "digits", seed: int = 0) -> Dataset:
+    """Load the dataset named by ``spec``; ``seed`` picks the digits train/test split."""
+    kind, _, path = spec.partition(":")
+    if spec == "digits":
+        return _load_digits(seed)
+    if kind in CIFAR_LAYOUT and path:
+        return _load_cifar(spec, kind, Path(path).expanduser())
+    if kind == "npz" and path:
+        return _load_npz(spec, Path(path).expanduser())
+    if _FUNCTION_SPEC.match(spec) and kind not in (*CIFAR_LAYOUT, "npz"):
+        return _load_user(spec)
+    raise LandscapeError(f"unknown dataset spec '{spec}'; use one of: "
+                         + ", ".join(form for form, _ in DATASET_FORMS))
+
+
+def eval_subset(x: Tensor, y: Tensor, subset: int | None, seed: int) -> tuple[Tensor, Tensor, np.ndarray]:
+    """A fixed evaluation subset: ``subset`` examples drawn without replacement by ``seed``.
+
+    Returns ``(x[indices], y[indices], indices)`` with ``indices`` sorted int64; the same
+    ``(N, subset, seed)`` always gives the same indices. ``subset=None`` keeps every example.
+    """
+    count = len(x)
+    if subset is None:
+        indices = np.arange(count, dtype=np.int64)
+    elif not 0 < subset <= count:
+        raise LandscapeError(f"subset of {subset} examples is impossible from a split of {count}; "
+                             f"choose --subset between 1 and {count}, or omit it to use all")
+    else:
+        indices = np.sort(np.random.default_rng(seed).permutation(count)[:subset]).astype(np.int64)
+    selection = torch.from_numpy(indices)
+    return x[selection], y[selection], indices
+
+
+def import_function(spec: str, what: str) -> Callable:
+    """Import ``function`` from ``module`` for a ``"module:function"`` spec (current directory included).
+
+    ``what`` names the purpose in error messages (e.g. "dataset", "model").
+    """
+    module_name, _, function_name = spec.partition(":")
+    added = os.getcwd() not in sys.path
+    if added:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if error.name != module_name and not module_name.startswith(f"{error.name}."):
+            raise  # the user's module itself failed to import one of its dependencies
+        raise LandscapeError(f"cannot import module '{module_name}' for {what} '{spec}'; make it importable "
+                             "(run from its folder or add it to PYTHONPATH)") from None
+    finally:
+        if added:
+            sys.path.remove(os.getcwd())
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise LandscapeError(f"module '{module_name}' has no function '{function_name}' for {what} '{spec}'; "
+                             f"check the name after ':'")
+    return function
+
+
+def _dataset(spec: str, name: str, arrays: tuple, num_classes: int | None = None) -> Dataset:
+    """Build a :class:`Dataset` from ``(x, y)`` or ``(x, y, x_test, y_test)`` arrays, checking them."""
+    x_train, y_train = _inputs(arrays[0], spec), _labels(arrays[1], spec)
+    x_test = _inputs(arrays[2], spec) if len(arrays) > 2 else None
+    y_test = _labels(arrays[3], spec) if len(arrays) > 2 else None
+    pairs = [(x_train, y_train)] + ([(x_test, y_test)] if x_test is not None else [])
+    for x, y in pairs:
+        if len(x) != len(y) or len(x) == 0:
+            raise LandscapeError(f"dataset '{spec}' has {len(x)} inputs but {len(y)} labels; "
+                                 "give one label per input and at least one example")
+        if x.shape[1:] != x_train.shape[1:]:
+            raise LandscapeError(f"dataset '{spec}' has test inputs of shape {tuple(x.shape[1:])} but train "
+                                 f"inputs of shape {tuple(x_train.shape[1:])}; make them match")
+    if num_classes is None:
+        num_classes = int(max(int(y.max()) for _, y in pairs)) + 1
+    return Dataset(spec, name, x_train, y_train, x_test, y_test, num_classes, tuple(x_train.shape[1:]))
+
+
+def _inputs(x, spec: str) -> Tensor:
+    """Inputs as a float32 tensor with a batch dimension."""
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x).to(torch.float32)
+    if x.ndim < 2:
+        raise LandscapeError(f"dataset '{spec}' inputs have shape {tuple(x.shape)}; "
+                             "inputs need shape (N, features...) with a leading example dimension")
+    return x.contiguous()
+
+
+def _labels(y, spec: str) -> Tensor:
+    """Labels as an int64 tensor ``(N,)`` of non-negative class indices."""
+    y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y)
+    integral = y.dtype != torch.bool and not y.is_complex() and (
+        not y.is_floating_point() or bool(torch.equal(y, y.round())))
+    if y.ndim != 1 or not integral:
+        raise LandscapeError(f"dataset '{spec}' labels have shape {tuple(y.shape)} and dtype {y.dtype}; "
+                             "labels must be integer class indices of shape (N,)")
+    y = y.to(torch.int64)
+    if len(y) and int(y.min()) < 0:
+        raise LandscapeError(f"dataset '{spec}' has negative labels; labels must be class indices 0..C-1")
+    return y
+
+
+def _load_digits(seed: int) -> Dataset:
+    """scikit-learn digits, standardised with train-split statistics, stratified split by ``seed``."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = digits.images.astype(np.float32)[:, None]  # (1797, 1, 8, 8), values 0..16
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=DIGITS_TEST_FRACTION, stratify=digits.target, random_state=seed)
+    mean, std = x_train.mean(), x_train.std()
+    return _dataset("digits", "digits", ((x_train - mean) / std, y_train, (x_test - mean) / std, y_test), 10)
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that builds only numpy arrays, dicts, lists and scalars (CIFAR batches are pickles)."""
+
+    _reconstruct = np.ndarray.__reduce__(np.zeros(1))[0]
+    _frombuffer = np.arange(2).__reduce_ex__(5)[0]
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+        ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy._core.numeric", "_frombuffer"): _frombuffer,
+        ("numpy", "ndarray"): np.ndarray,
+        ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): __import__("codecs").encode,
+    }
+
+    def find_class(self, module: str, name: str):
+        try:
+            return self.ALLOWED[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(f"unexpected object {module}.{name}") from None
+
+
+def _read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Images ``(N, 3, 32, 32)`` uint8 and labels ``(N,)`` from one CIFAR pickle batch."""
+    try:
+        with open(path, "rb") as handle:
+            batch = _ArrayUnpickler(handle, encoding="bytes").load()
+        images = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+    except Exception as error:  # any failure means the file is not a readable CIFAR batch
+        raise LandscapeError(f"cannot read CIFAR batch '{path}' ({type(error).__name__}: {error}); "
+                             f"re-download the python version from {CIFAR_URL}") from None
+    if len(images) != len(labels):
+        raise LandscapeError(f"CIFAR batch '{path}' has {len(images)} images but {len(labels)} labels; "
+                             f"re-download the python version from {CIFAR_URL}")
+    return images, labels
+
+
+def _cifar_folder(path: Path, kind: str) -> Path:
+    """The batch folder: ``path`` itself or ``path/<standard folder name>``."""
+    folder_name, train_files, _, _, _ = CIFAR_LAYOUT[kind]
+    for folder in (path, path / folder_name):
+        if (folder / train_files[0]).is_file():
+            return folder
+    if not path.exists():
+        raise LandscapeError(f"{kind} folder '{path}' does not exist; pass {kind}:PATH pointing at "
+                             f"'{folder_name}' or its parent (download the python version from {CIFAR_URL})")
+    raise LandscapeError(f"no {kind} batches in '{path}' (expected '{train_files[0]}' there or in "
+                         f"'{path / folder_name}'); point {kind}:PATH at the extracted '{folder_name}' folder")
+
+
+def _load_cifar(spec: str, kind: str, path: Path) -> Dataset:
+    """CIFAR-10/100 from the python-pickle folder, normalised with the published channel stats."""
+    _, train_files, test_file, label_key, num_classes = CIFAR_LAYOUT[kind]
+    folder = _cifar_folder(path, kind)
+    missing = [name for name in (*train_files, test_file) if not (folder / name).is_file()]
+    if missing:
+        raise LandscapeError(f"{kind} folder '{folder}' lacks {', '.join(missing)}; "
+                             f"re-extract the python version from {CIFAR_URL}")
+    train = [_read_cifar_batch(folder / name, label_key) for name in train_files]
+    x_test, y_test = _read_cifar_batch(folder / test_file, label_key)
+    mean, std = (np.asarray(s, dtype=np.float32).reshape(1, 3, 1, 1) for s in CIFAR_STATS[kind])
+
+    def normalise(images: np.ndarray) -> np.ndarray:
+        return (images.astype(np.float32) / 255.0 - mean) / std
+
+    x_train = normalise(np.concatenate([images for images, _ in train]))
+    y_train = np.concatenate([labels for _, labels in train])
+    return _dataset(spec, kind, (x_train, y_train, normalise(x_test), y_test), num_classes)
+
+
+def _load_npz(spec: str, path: Path) -> Dataset:
+    """Arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``) from an ``.npz`` file."""
+    if not path.is_file():
+        raise LandscapeError(f"npz file '{path}' does not exist; check the path in npz:PATH")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {name: archive[name] for name in archive.files}
+    except Exception as error:  # any failure means the file is not a readable npz
+        raise LandscapeError(f"cannot read npz file '{path}' ({type(error).__name__}: {error}); "
+                             "write it with numpy.savez(path, x=..., y=...)") from None
+    if "x" not in arrays or "y" not in arrays or ("x_test" in arrays) != ("y_test" in arrays):
+        raise LandscapeError(f"npz file '{path}' holds arrays {sorted(arrays)}; it needs x and y, and "
+                             "x_test with y_test if it has a test split")
+    names = ("x", "y", "x_test", "y_test") if "x_test" in arrays else ("x", "y")
+    return _dataset(spec, path.stem, tuple(arrays[name] for name in names))
+
+
+def _load_user(spec: str) -> Dataset:
+    """Data from a user ``module:function`` returning a Dataset, (x, y) or (x, y, x_test, y_test)."""
+    returned = import_function(spec, "dataset")()
+    if isinstance(returned, Dataset):
+        return returned
+    if isinstance(returned, (tuple, list)) and len(returned) in (2, 4):
+        return _dataset(spec, spec.partition(":")[2], tuple(returned))
+    raise LandscapeError(f"dataset function '{spec}' returned {type(returned).__name__}; return a "
+                         "landscape.data.Dataset, a tuple (x, y) or a tuple (x, y, x_test, y_test)")
