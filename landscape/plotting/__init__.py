@@ -59,3 +59,39 @@ def plot_file(path: str | Path, out_dir: str | Path | None = None, groups: list[
         arrays, attrs = read_group(path, group)
         written.append(save_figure(plot_group(arrays, attrs, group, **options), out_dir / f"{path.stem}_{group}.{fmt}"))
     return written
+
+
+def _tile(figures: list, labels: list[str]):
+    """Side-by-side panel of already drawn figures (for groups without a dedicated comparison)."""
+    import matplotlib.pyplot as plt
+    images = []
+    for figure in figures:
+        figure.canvas.draw()
+        images.append(figure.canvas.buffer_rgba())
+        plt.close(figure)
+    panel, axes = plt.subplots(1, len(images), figsize=(5 * len(images), 4.5), squeeze=False)
+    for ax, image, label in zip(axes[0], images, labels):
+        ax.imshow(image)
+        ax.set_title(label)
+        ax.axis("off")
+    panel.tight_layout()
+    return panel
+
+
+def plot_compare(paths: list[str | Path], group: str, out: str | Path, labels: list[str] | None = None,
+                 **options: Any) -> Path:
+    """One figure with ``group`` from several results files side by side (e.g. SGD vs SAM)."""
+    from landscape.store import read_group
+    labels = labels or [Path(p).stem for p in paths]
+    if len(labels) != len(paths):
+        raise LandscapeError(f"--labels has {len(labels)} entries for {len(paths)} files; give one label per file")
+    entries = [(label, *read_group(p, group)) for label, p in zip(labels, paths)]
+    if group not in MODULES:
+        raise LandscapeError(f"no figure is defined for /{group}; plottable groups: {', '.join(MODULES)}")
+    module = importlib.import_module(MODULES[group])
+    compare = getattr(module, "COMPARE", {}).get(group)
+    if compare is not None:
+        figure = compare(entries, **options)
+    else:
+        figure = _tile([module.FIGURES[group](arrays, attrs, **options) for _, arrays, attrs in entries], labels)
+    return save_figure(figure, out)
