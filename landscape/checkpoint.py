@@ -167,7 +167,7 @@ def _read(path: Path, trust: bool, map_location) -> object:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" not in str(error):
+        if "GLOBAL" not in str(error):  # only references to Python classes/functions need trust
             raise _unreadable(path, error) from None
     except Exception as error:  # any other failure means the file is corrupt or not a checkpoint
         raise _unreadable(path, error) from None

@@ -109,10 +109,9 @@ def load_dataset(spec: str = "digits", seed: int = 0) -> Dataset:
         return _load_cifar(spec, kind, Path(path).expanduser())
     if kind == "npz" and path:
         return _load_npz(spec, Path(path).expanduser())
-    if _FUNCTION_SPEC.match(spec) and kind not in (*CIFAR_LAYOUT, "npz"):
+    if _FUNCTION_SPEC.match(spec) and kind not in ("digits", "npz", *CIFAR_LAYOUT):
         return _load_user(spec)
-    raise LandscapeError(f"unknown dataset spec '{spec}'; use one of: "
-                         + ", ".join(form for form, _ in DATASET_FORMS))
+    raise LandscapeError(f"unknown dataset spec '{spec}'; use one of: {_forms()}")
 
 
 def eval_subset(x: Tensor, y: Tensor, subset: int | None, seed: int) -> tuple[Tensor, Tensor, np.ndarray]:
@@ -133,10 +132,15 @@ def eval_subset(x: Tensor, y: Tensor, subset: int | None, seed: int) -> tuple[Te
     return x[selection], y[selection], indices
 
 
-def import_function(spec: str, what: str) -> Callable:
+def _forms() -> str:
+    return ", ".join(form for form, _ in DATASET_FORMS)
+
+
+def import_function(spec: str, what: str, alternatives: str) -> Callable:
     """Import ``function`` from ``module`` for a ``"module:function"`` spec (current directory included).
 
-    ``what`` names the purpose in error messages (e.g. "dataset", "model").
+    ``what`` names the purpose in error messages (e.g. "dataset"), ``alternatives`` the other
+    accepted forms offered as a fix.
     """
     module_name, _, function_name = spec.partition(":")
     added = os.getcwd() not in sys.path
@@ -148,14 +152,14 @@ def import_function(spec: str, what: str) -> Callable:
         if error.name != module_name and not module_name.startswith(f"{error.name}."):
             raise  # the user's module itself failed to import one of its dependencies
         raise LandscapeError(f"cannot import module '{module_name}' for {what} '{spec}'; make it importable "
-                             "(run from its folder or add it to PYTHONPATH)") from None
+                             f"(run from its folder or add it to PYTHONPATH), or use {alternatives}") from None
     finally:
         if added:
             sys.path.remove(os.getcwd())
     function = getattr(module, function_name, None)
     if not callable(function):
         raise LandscapeError(f"module '{module_name}' has no function '{function_name}' for {what} '{spec}'; "
-                             f"check the name after ':'")
+                             f"check the name after ':', or use {alternatives}")
     return function
 
 
@@ -303,7 +307,7 @@ def _load_npz(spec: str, path: Path) -> Dataset:
 
 def _load_user(spec: str) -> Dataset:
     """Data from a user ``module:function`` returning a Dataset, (x, y) or (x, y, x_test, y_test)."""
-    returned = import_function(spec, "dataset")()
+    returned = import_function(spec, "dataset", f"one of: {_forms()}")()
     if isinstance(returned, Dataset):
         return returned
     if isinstance(returned, (tuple, list)) and len(returned) in (2, 4):

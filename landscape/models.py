@@ -61,7 +61,7 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple = (1, 8, 8)
     for CIFAR. Unknown names or options raise :class:`LandscapeError`.
     """
     if ":" in name:
-        model = import_function(name, "model")(**kwargs)
+        model = import_function(name, "model", f"a built-in model: {', '.join(sorted(_REGISTRY))}")(**kwargs)
         if not isinstance(model, nn.Module):
             raise LandscapeError(f"model function '{name}' returned {type(model).__name__}; "
                                  "return a torch.nn.Module")

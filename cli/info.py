@@ -1,0 +1,137 @@
+"""``landscape info``, ``landscape models`` and ``landscape datasets``: look before you compute."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import click
+
+from landscape.cli.common import arch_options
+from landscape.errors import LandscapeError
+
+CHECKPOINT_FIELDS = ("format", "arch", "arch_kwargs", "dataset", "optimizer", "optimizer_hparams", "metrics",
+                     "seed", "versions", "extra")
+
+
+def checkpoint_summary(path: str, arch: str | None = None, arch_kwargs: dict | None = None,
+                       trust: bool = False) -> dict[str, Any]:
+    """Metadata of a checkpoint plus its parameter count and SHA-256."""
+    from landscape.checkpoint import load_checkpoint
+
+    checkpoint = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    summary = {"file": path, "sha256": checkpoint.sha256}
+    summary.update({key: checkpoint.meta[key] for key in CHECKPOINT_FIELDS if checkpoint.meta.get(key) is not None})
+    summary["parameters"] = sum(p.numel() for p in checkpoint.model.parameters())
+    return summary
+
+
+def results_summary(path: str) -> dict[str, Any]:
+    """Groups of a results file: their attributes and dataset shapes and dtypes."""
+    import numpy as np
+
+    from landscape.store import list_groups, read_group
+
+    def shapes(arrays: dict) -> dict:
+        return {name: shapes(value) if isinstance(value, dict) else
+                f"{np.shape(value)} {np.asarray(value).dtype}" for name, value in arrays.items()}
+
+    return {"file": path, "groups": {group: {"attrs": attrs, "datasets": shapes(read_group(path, group)[0])}
+                                     for group, attrs in list_groups(path).items()}}
+
+
+def _text(value: Any) -> str:
+    """One-line rendering of a metadata value (JSON for containers)."""
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _echo_fields(fields: dict, indent: str = "") -> None:
+    width = max(map(len, fields), default=0)
+    for key, value in fields.items():
+        if isinstance(value, dict) and key == "datasets":
+            click.echo(f"{indent}{key}:")
+            _echo_fields(value, indent + "  ")
+        else:
+            click.echo(f"{indent}{key:<{width}}  {_text(value)}")
+
+
+@click.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@arch_options
+@click.option("--json", "as_json", is_flag=True, default=False, help="Print machine-readable JSON.")
+def info(file: str, arch: str | None, arch_kwargs: dict | None, trust: bool, as_json: bool) -> None:
+    """Show a checkpoint's metadata, or the groups of a results file (.h5).
+
+    For a checkpoint: format, architecture and kwargs, dataset, optimizer and hyper-parameters,
+    metrics, seed, versions, parameter count and SHA-256. Foreign weights need --arch.
+    For a results file: each group's attributes and dataset shapes.
+
+    \b
+    Examples:
+      landscape info runs/sgd.pt
+      landscape info resnet.safetensors --arch resnet18 --arch-kwargs '{"input_shape": [3, 32, 32]}'
+      landscape info runs/sgd.h5
+    Python: landscape.load_checkpoint("runs/sgd.pt").meta ; landscape.store.list_groups("runs/sgd.h5")
+    """
+    import h5py
+
+    if not Path(file).is_file():
+        raise LandscapeError(f"'{file}' not found; check the path")
+    if h5py.is_hdf5(file):
+        summary = results_summary(file)
+    else:
+        summary = checkpoint_summary(file, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2, default=str))
+    elif "groups" in summary:
+        click.echo(f"file  {file}")
+        for group, content in summary["groups"].items():
+            click.echo(f"/{group}")
+            _echo_fields({**content["attrs"], "datasets": content["datasets"]}, "  ")
+    else:
+        _echo_fields(summary)
+
+
+@click.command()
+@click.argument("pattern", required=False)
+def models(pattern: str | None) -> None:
+    """List the built-in architectures and their options, optionally filtered by a glob.
+
+    Pass options to a model with --arch-kwargs (JSON), e.g. '{"depth": 28, "width": 10, "bn": false}'.
+
+    \b
+    Examples:
+      landscape models
+      landscape models 'res*'
+    Python: landscape.list_models("res*")
+    """
+    from landscape.models import list_models
+
+    found = list_models(pattern)
+    if not found:
+        raise LandscapeError(f"no model matches '{pattern}'; run `landscape models` to see all names")
+    width = max(len(info.name) for info in found)
+    for info in found:
+        options = ", ".join(f"{key}={json.dumps(value)}" for key, value in info.defaults.items())
+        click.echo(f"{info.name:<{width}}  {info.description}")
+        click.echo(f"{'':<{width}}  options: {options or 'none'}")
+
+
+@click.command()
+def datasets() -> None:
+    """List the accepted dataset specs (for --data).
+
+    \b
+    Example:
+      landscape train --data cifar10:~/data --arch resnet18 --out runs/r18.pt
+    Python: landscape.list_datasets() ; landscape.load_dataset("digits")
+    """
+    from landscape.data import list_datasets
+
+    forms = list_datasets()
+    width = max(len(form) for form, _ in forms)
+    for form, description in forms:
+        click.echo(f"{form:<{width}}  {description}")
