@@ -9,14 +9,19 @@ with fewer dimensions is one filter (see :func:`landscape.params.filter_norms`).
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
 
+from landscape.objective import batchnorm_mode
 from landscape.params import filter_norms, global_norm, is_filtered
 
 _TINY = 1e-12
@@ -140,7 +145,7 @@ def arwp_history_update(history: Sequence[Tensor], grads: Sequence[Tensor], beta
 
 
 def fisher_mask(fisher: Sequence[Tensor], sparsity: float) -> list[Tensor]:
-    """SSAM-F mask: True on the global top-k entries of the Fisher diagonal, k = round((1 - s) d).
+    """SSAM-F mask: True on the global top-k entries of the Fisher diagonal, k = floor((1 - s) d).
 
     Ties at the threshold are broken by ``torch.topk`` order (flattened, in tensor order).
     """
@@ -148,8 +153,13 @@ def fisher_mask(fisher: Sequence[Tensor], sparsity: float) -> list[Tensor]:
         raise ValueError(f"invalid sparsity: {sparsity!r}; must be in [0, 1)")
     flat = torch.cat([f.reshape(-1) for f in fisher])
     keep = flat.new_zeros(flat.shape, dtype=torch.bool)
-    keep[torch.topk(flat, round((1.0 - sparsity) * flat.numel()), sorted=False).indices] = True
+    keep[torch.topk(flat, kept_count(flat.numel(), sparsity), sorted=False).indices] = True
     return [m.view_as(f) for m, f in zip(torch.split(keep, [f.numel() for f in fisher]), fisher)]
+
+
+def kept_count(numel: int, sparsity: float) -> int:
+    """Number of perturbed entries in an SSAM mask, floor((1 - s) d) as in the reference code."""
+    return math.floor((1.0 - sparsity) * numel + 1e-6)
 
 
 def drop_count(step: int, total_steps: int, sparsity: float, drop_rate: float, numel: int) -> int:
@@ -179,18 +189,517 @@ def dynamic_mask_update(mask: Sequence[Tensor], grads: Sequence[Tensor], num_dro
     return [m.view_as(t) for m, t in zip(torch.split(new_mask, [t.numel() for t in mask]), mask)]
 
 
+def empirical_fisher(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor,
+                     chunk_size: int = 64) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher (1/N) sum_i (d/dw log p_w(y_i | x_i))^2 over N examples.
+
+    Per-sample gradients of the cross-entropy come from ``torch.func.vmap`` over ``grad`` with
+    BatchNorm in eval mode (running statistics; no buffer changes), ``chunk_size`` examples at a
+    time. ``params`` maps model parameter names to the weights to evaluate at (others are held
+    at the model's values). Returns tensors shaped like ``params``; the model is not changed.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"invalid chunk_size: {chunk_size!r}; must be >= 1")
+    weights = {name: t.detach() for name, t in params.items()}
+    fixed = {name: p.detach() for name, p in model.named_parameters() if name not in weights}
+    buffers = dict(model.named_buffers())
+
+    def sample_loss(trainable: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        logits = functional_call(model, ({**fixed, **trainable}, buffers), (x.unsqueeze(0),))
+        return F.cross_entropy(logits, y.unsqueeze(0))
+
+    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+    total = {name: torch.zeros_like(t) for name, t in weights.items()}
+    with batchnorm_mode(model, "eval"):
+        for x, y in zip(inputs.split(chunk_size), targets.split(chunk_size)):
+            grads = per_sample(weights, x, y)
+            for name in total:
+                total[name] += grads[name].square().sum(0)
+    return {name: t / inputs.shape[0] for name, t in total.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimizers
+# ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Pass:
+    """What one closure call inside a step must compute; closures taking an argument receive it.
+
+    - ``perturbed``: the weights hold w + eps for this pass.
+    - ``batch``: which batch to use: 0 = B1, 1 = B2. Only m-RWP/m-ARWP ask for 1 (the clean
+      pass at w); a loop may serve the same batch for both.
+    - ``chunk``, ``chunk_size``: SAM's m-sharpness; take the rows with :meth:`select`.
+    - ``sync``: False when this gradient is only used locally (SAM's ascent direction), so a
+      data-parallel loop may run the pass under ``DistributedDataParallel.no_sync()``.
+    """
+
+    perturbed: bool = False
+    batch: int = 0
+    chunk: int = 0
+    chunk_size: int | None = None
+    sync: bool = True
+    batch_size: int | None = None     # rows in the full batch, recorded by select()
+
+    def select(self, *tensors: Tensor) -> tuple[Tensor, ...]:
+        """The rows of this pass's chunk (all rows without m-sharpness), for each tensor."""
+        self.batch_size = tensors[0].shape[0]
+        if self.chunk_size is None:
+            return tensors
+        rows = slice(self.chunk * self.chunk_size, (self.chunk + 1) * self.chunk_size)
+        return tuple(t[rows] for t in tensors)
+
+
+Closure = Callable[..., Tensor]
+
+
+def _base_class(base: str | type[torch.optim.Optimizer]) -> type[torch.optim.Optimizer]:
+    if isinstance(base, type) and issubclass(base, torch.optim.Optimizer):
+        return base
+    classes = {name.lower(): cls for name, cls in vars(torch.optim).items()
+               if isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer) and cls is not torch.optim.Optimizer}
+    if not isinstance(base, str) or base.lower() not in classes:
+        raise ValueError(f"invalid base optimizer {base!r}; use a torch.optim class or one of "
+                         f"{', '.join(sorted(classes))}")
+    return classes[base.lower()]
+
+
+def _takes_pass(closure: Closure) -> bool:
+    try:
+        parameters = inspect.signature(closure).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+class PerturbedOptimizer(torch.optim.Optimizer):
+    """Base of the weight-perturbation optimizers: wraps a base optimizer that applies the update.
+
+    ``step(closure)``: the closure zeroes the gradients, runs forward and backward, and returns
+    the loss; it may take one argument, a :class:`Pass`, saying which batch/chunk to use. The
+    step runs the method's passes, restores w exactly from a saved copy after each perturbed
+    pass, leaves the final gradient in ``p.grad``, clips it (``max_grad_norm``) and calls the
+    base optimizer. It returns the loss of the pass at w (or of the first pass if none is at w).
+
+    Shared options:
+    - ``base``: torch.optim class or its name (``"sgd"``, ``"adamw"``, ...); extra keyword
+      arguments (``lr``, ``momentum``, ``weight_decay``, ...) go to it. Its ``param_groups`` are
+      shared, so LR schedulers work on this optimizer.
+    - ``model``: enables BatchNorm control. With ``bn_stats="once"`` (default) running statistics
+      and ``num_batches_tracked`` are updated only by passes at w; methods with no pass at w
+      (RWP, ARWP, R-SAM) update them on their first pass. Other passes run under
+      ``batchnorm_mode(model, "frozen")``. ``bn_stats="every"`` keeps the papers' behaviour
+      (every pass updates). Without ``model`` every pass updates them.
+    - ``grad_scaler``: a ``torch.amp.GradScaler`` whose scaled loss the closure backpropagates.
+      Intermediate gradients are unscaled arithmetically; the final gradient is unscaled once with
+      ``unscale_``, and the step is skipped (weights stay restored) on inf/NaN. The optimizer calls
+      ``scaler.update()`` itself.
+    - ``seed``: seeds the optimizer's own ``torch.Generator`` (on the parameters' device); None
+      draws the seed from torch's global generator (so ``torch.manual_seed`` fixes it).
+    Gradient accumulation happens inside the closure (several backward calls on micro-batches).
+    ``state_dict()`` holds the base optimizer's state, the method's state (masks, ARWP history),
+    the step count (schedule position) and the generator state: a resumed run is bit-identical.
+    """
+
+    batches_per_step = 1
+
+    def __init__(self, params, base: str | type[torch.optim.Optimizer] = "sgd", *, model: nn.Module | None = None,
+                 bn_stats: str = "once", max_grad_norm: float | None = None,
+                 grad_scaler: torch.amp.GradScaler | None = None, seed: int | None = None, **base_kwargs):
+        if bn_stats not in ("once", "every"):
+            raise ValueError(f"invalid bn_stats: {bn_stats!r}; use 'once' (perturbed passes frozen) or 'every'")
+        if max_grad_norm is not None and not max_grad_norm > 0:
+            raise ValueError(f"invalid max_grad_norm: {max_grad_norm!r}; must be > 0 or None")
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"invalid model: {type(model).__name__}; pass the torch.nn.Module being trained")
+        base_class = _base_class(base)
+        try:
+            self.base = base_class(params, **base_kwargs)
+        except TypeError as error:
+            raise ValueError(f"invalid arguments for base optimizer {base_class.__name__}: {error}") from None
+        super().__init__(self.base.param_groups, {})
+        self.param_groups = self.base.param_groups
+        self.defaults = self.base.defaults
+        self.model, self.bn_stats, self.max_grad_norm, self.grad_scaler = model, bn_stats, max_grad_norm, grad_scaler
+        first = self.param_groups[0]["params"][0]
+        self.generator = torch.Generator(device=first.device)
+        self.generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, (), dtype=torch.int64)))
+        self.steps = 0
+        self._backup: list[Tensor] = []
+
+    # -- the step ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None) -> Tensor:  # type: ignore[override]
+        if closure is None:
+            raise ValueError(f"{type(self).__name__}.step needs a closure that zeroes the gradients, "
+                             "runs forward and backward, and returns the loss")
+        params = self._params()
+        loss = self._step(closure, params)
+        self._apply(params)
+        self.steps += 1
+        return loss
+
+    def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
+        """Run the passes; leave weights at w and the final (scaled) gradient in ``p.grad``."""
+        raise NotImplementedError
+
+    def _params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def _run(self, closure: Closure, context: Pass, update_bn: bool | None = None) -> Tensor:
+        """One closure call; BatchNorm buffers frozen unless ``update_bn`` (default: pass at w)."""
+        update_bn = not context.perturbed if update_bn is None else update_bn
+        freeze = self.model is not None and self.bn_stats == "once" and not update_bn
+        with torch.enable_grad(), (batchnorm_mode(self.model, "frozen") if freeze else contextlib.nullcontext()):
+            loss = closure(context) if _takes_pass(closure) else closure()
+        return loss.detach() if isinstance(loss, Tensor) else loss
+
+    @staticmethod
+    def _take_grads(params: list[Tensor]) -> list[Tensor]:
+        """Detach the gradients from the parameters (None -> zeros) so the next pass starts fresh."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        for p in params:
+            p.grad = None
+        return grads
+
+    def _scaling(self) -> bool:
+        return self.grad_scaler is not None and self.grad_scaler.is_enabled()
+
+    def _unscale(self, grads: list[Tensor]) -> list[Tensor]:
+        """Divide intermediate gradients by the GradScaler's scale (no host synchronisation)."""
+        if not self._scaling():
+            return grads
+        return torch._foreach_mul(grads, self.grad_scaler._get_scale_async().double().reciprocal().float())
+
+    def _perturb(self, params: list[Tensor], eps: list[Tensor]) -> None:
+        """Save an exact copy of w, then move to w + eps."""
+        if len(self._backup) != len(params) or any(b.shape != p.shape for b, p in zip(self._backup, params)):
+            self._backup = [torch.empty_like(p) for p in params]
+        torch._foreach_copy_(self._backup, params)
+        torch._foreach_add_(params, eps)
+
+    def _restore(self, params: list[Tensor]) -> None:
+        torch._foreach_copy_(params, self._backup)
+
+    def _apply(self, params: list[Tensor]) -> None:
+        """Unscale once, clip the final gradient, and step the base optimizer (skipped on inf/NaN)."""
+        if self._scaling():
+            self.grad_scaler.unscale_(self.base)
+        if self.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.max_grad_norm,
+                                           foreach=True)
+        if self._scaling():
+            self.grad_scaler.step(self.base)
+            self.grad_scaler.update()
+        else:
+            self.base.step()
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state.update(base=self.base.state_dict(), steps=self.steps, generator=self.generator.get_state())
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        base, self.steps, generator = state.pop("base"), state.pop("steps"), state.pop("generator")
+        super().load_state_dict(state)
+        self.base.load_state_dict(base)
+        self.param_groups = self.base.param_groups
+        self.generator.set_state(generator)
+
+
+class SAM(PerturbedOptimizer):
+    """SAM (Foret et al.) with p-norm ascent, ASAM (``adaptive``, Kwon et al.) and m-sharpness.
+
+    Each step: gradient at w, eps = :func:`sam_perturbation`, gradient at w + eps, restore w,
+    base step with that gradient. Closure calls per step: 2, or 2 * ceil(batch / m) with
+    m-sharpness, where each chunk of ``m`` examples gets its own eps and the final gradient is
+    the size-weighted mean of the chunks' perturbed gradients (the closure must take a
+    :class:`Pass` and use ``ctx.select(x, y)``). ``ascent_weight_decay=True`` adds the group's
+    ``weight_decay * w`` to the ascent gradient; the default excludes it, as the PyTorch SAM
+    implementations do. ASAM rescales tensors with ndim >= 2 only (:func:`asam_scale`).
+    """
+
+    def __init__(self, params, base: str | type[torch.optim.Optimizer] = "sgd", *, rho: float = 0.05,
+                 p: float = 2.0, adaptive: bool = False, eta: float = 0.01, m: int | None = None,
+                 ascent_weight_decay: bool = False, **kwargs):
+        _check_positive("rho", rho)
+        _check_positive("eta", eta)
+        if not p >= 1.0:
+            raise ValueError(f"invalid p: {p!r}; the SAM ascent needs p >= 1 (p = 2 is the paper's)")
+        if m is not None and (not isinstance(m, int) or m < 1):
+            raise ValueError(f"invalid m: {m!r}; use a positive number of examples per chunk or None")
+        super().__init__(params, base, **kwargs)
+        self.rho, self.p, self.adaptive, self.eta, self.m = rho, p, adaptive, eta, m
+        self.ascent_weight_decay = ascent_weight_decay
+
+    def _ascent(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        if self.ascent_weight_decay:
+            decays = [group.get("weight_decay", 0.0) for group in self.param_groups
+                      for p in group["params"] if p.requires_grad]
+            grads = torch._foreach_add(grads, torch._foreach_mul(params, decays))
+        return sam_perturbation(grads, self.rho, self.p, params, self.adaptive, self.eta)
+
+    def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
+        if self.m is None:
+            loss = self._run(closure, Pass(sync=False))
+            self._perturb(params, self._ascent(params, self._unscale(self._take_grads(params))))
+            self._run(closure, Pass(perturbed=True))
+            self._restore(params)
+            return loss
+        if not _takes_pass(closure):
+            raise ValueError("m-sharpness (m set) needs a closure that takes a Pass and slices its batch "
+                             "with ctx.select(x, y)")
+        loss, total, chunk, size = 0.0, None, 0, None
+        while size is None or chunk * self.m < size:
+            clean = Pass(sync=False, chunk=chunk, chunk_size=self.m)
+            chunk_loss = self._run(closure, clean)
+            if clean.batch_size is None:
+                raise ValueError("with m set, the closure must take its rows with ctx.select(x, y)")
+            size = clean.batch_size
+            weight = (min(size, (chunk + 1) * self.m) - chunk * self.m) / size
+            self._perturb(params, self._ascent(params, self._unscale(self._take_grads(params))))
+            self._run(closure, Pass(perturbed=True, chunk=chunk, chunk_size=self.m))
+            self._restore(params)
+            grads = torch._foreach_mul(self._take_grads(params), weight)
+            total = grads if total is None else torch._foreach_add(total, grads)
+            loss = loss + chunk_loss * weight
+            chunk += 1
+        for p, g in zip(params, total):
+            p.grad = g
+        return loss
+
+
+class _SparseSAM(SAM):
+    """SSAM (Mi et al.): SAM whose eps is zero outside a binary mask refreshed every ``refresh`` steps.
+
+    ``mask_norm="full"`` (default, the paper's code) scales by the unmasked gradient norm,
+    eps = rho g / ||g|| * mask, so ||eps|| <= rho; ``"masked"`` uses rho (g * mask) / ||g * mask||.
+    """
+
+    def __init__(self, params, base="sgd", *, rho: float = 0.1, sparsity: float = 0.5, refresh: int = 1000,
+                 mask_norm: str = "full", **kwargs):
+        if not 0.0 <= sparsity < 1.0:
+            raise ValueError(f"invalid sparsity: {sparsity!r}; must be in [0, 1)")
+        if not isinstance(refresh, int) or refresh < 1:
+            raise ValueError(f"invalid refresh: {refresh!r}; use a positive number of steps")
+        if mask_norm not in ("full", "masked"):
+            raise ValueError(f"invalid mask_norm: {mask_norm!r}; use 'full' (paper code) or 'masked'")
+        super().__init__(params, base, rho=rho, **kwargs)
+        self.sparsity, self.refresh, self.mask_norm = sparsity, refresh, mask_norm
+        self._refreshed_at = -1
+
+    def _new_mask(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor] | None:
+        raise NotImplementedError
+
+    def masks(self) -> list[Tensor]:
+        """The current perturbation masks (bool, shaped like the parameters), in parameter order."""
+        return [self.state[p]["mask"] for p in self._params()]
+
+    def _ascent(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        if self.steps % self.refresh == 0 and self._refreshed_at != self.steps:
+            mask = self._new_mask(params, grads)
+            if mask is not None:
+                for p, m in zip(params, mask):
+                    self.state[p]["mask"] = m
+            self._refreshed_at = self.steps
+        mask = self.masks()
+        if self.mask_norm == "masked":
+            return super()._ascent(params, torch._foreach_mul(grads, mask))
+        return torch._foreach_mul(super()._ascent(params, grads), mask)
+
+
+class SSAMF(_SparseSAM):
+    """SSAM-F: the mask keeps the top (1 - s) d entries of the empirical Fisher diagonal.
+
+    Every ``refresh`` steps (from step 0) the Fisher is computed by :func:`empirical_fisher` at w
+    over ``num_samples`` examples drawn without replacement from ``fisher_data = (x, y)`` with the
+    optimizer's generator (per-sample gradients via vmap, BatchNorm in eval mode). ``model`` is
+    required and must own the parameters. Closure calls per step: 2.
+    """
+
+    def __init__(self, params, base="sgd", *, model: nn.Module | None = None,
+                 fisher_data: tuple[Tensor, Tensor] | None = None, num_samples: int = 1024,
+                 fisher_chunk: int = 64, **kwargs):
+        if model is None or fisher_data is None:
+            raise ValueError("SSAM-F needs model= and fisher_data=(inputs, targets) to compute the Fisher mask")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"invalid num_samples: {num_samples!r}; use a positive number of examples")
+        super().__init__(params, base, model=model, **kwargs)
+        names = {id(p): name for name, p in model.named_parameters()}
+        missing = [i for i, p in enumerate(self._params()) if id(p) not in names]
+        if missing:
+            raise ValueError(f"SSAM-F: parameters {missing[:3]} are not in the model; pass model.parameters()")
+        self._names = [names[id(p)] for p in self._params()]
+        self.fisher_data, self.num_samples, self.fisher_chunk = fisher_data, num_samples, fisher_chunk
+
+    def _new_mask(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        inputs, targets = self.fisher_data
+        count = min(self.num_samples, inputs.shape[0])
+        chosen = torch.randperm(inputs.shape[0], generator=self.generator, device=self.generator.device)[:count]
+        chosen = chosen.to(inputs.device)
+        device = params[0].device
+        fisher = empirical_fisher(self.model, dict(zip(self._names, params)), inputs[chosen].to(device),
+                                  targets[chosen].to(device), self.fisher_chunk)
+        return fisher_mask(list(fisher.values()), self.sparsity)
+
+
+class SSAMD(_SparseSAM):
+    """SSAM-D: a random initial mask, then every ``refresh`` steps drop the N_drop perturbed
+    entries with the smallest |g| (gradient at w) and regrow as many at random (:func:`dynamic_mask_update`),
+    N_drop = drop_rate/2 (1 + cos(pi t / total_steps)) (1 - s) d. Closure calls per step: 2.
+    """
+
+    def __init__(self, params, base="sgd", *, drop_rate: float = 0.5, total_steps: int | None = None, **kwargs):
+        if not 0.0 <= drop_rate <= 1.0:
+            raise ValueError(f"invalid drop_rate: {drop_rate!r}; must be in [0, 1]")
+        if not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"invalid total_steps: {total_steps!r}; SSAM-D's cosine drop schedule needs "
+                             "the number of training steps")
+        super().__init__(params, base, **kwargs)
+        self.drop_rate, self.total_steps = drop_rate, total_steps
+
+    def _new_mask(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor] | None:
+        numel = sum(p.numel() for p in params)
+        if "mask" not in self.state[params[0]]:
+            scores = torch.rand(numel, generator=self.generator, device=self.generator.device).to(params[0].device)
+            return fisher_mask([s.view_as(p) for s, p in zip(scores.split([p.numel() for p in params]), params)],
+                               self.sparsity)
+        if not torch.isfinite(global_norm(grads)):
+            return None
+        num_drop = drop_count(self.steps, self.total_steps, self.sparsity, self.drop_rate, numel)
+        return dynamic_mask_update(self.masks(), grads, num_drop, self.generator)
+
+
+class RSAM(PerturbedOptimizer):
+    """R-SAM (Liu et al.): random start, then a projected ascent step.
+
+    Each step: delta0 = :func:`rsam_noise` (fresh draw per tensor), gradient g at w + delta0,
+    eps = :func:`rsam_perturbation` (rho (delta0 + lam g)/||delta0 + lam g||), gradient at
+    w + eps, restore w, base step. Closure calls per step: 2 (both perturbed; the first, nearest
+    to w, updates BatchNorm statistics under ``bn_stats="once"``). Returns the loss at w + delta0.
+    """
+
+    def __init__(self, params, base="sgd", *, rho: float = 0.05, gamma: float = 0.01, lam: float = 1.0, **kwargs):
+        _check_positive("rho", rho)
+        _check_positive("gamma", gamma)
+        _check_positive("lam", lam)
+        super().__init__(params, base, **kwargs)
+        self.rho, self.gamma, self.lam = rho, gamma, lam
+
+    def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
+        delta0 = rsam_noise(params, self.gamma, self.generator)
+        self._perturb(params, delta0)
+        loss = self._run(closure, Pass(perturbed=True, sync=False), update_bn=True)
+        grads = self._unscale(self._take_grads(params))
+        self._restore(params)
+        self._perturb(params, rsam_perturbation(delta0, grads, self.rho, self.lam))
+        self._run(closure, Pass(perturbed=True))
+        self._restore(params)
+        return loss
+
+
+class RWP(PerturbedOptimizer):
+    """RWP / ARWP / m-RWP / m-ARWP (Li et al.): gradients at filter-wise random perturbations.
+
+    - eps = :func:`filterwise_noise` with sigma_t: constant, or (``sigma_schedule="cosine"``)
+      rising from ``sigma_start`` (default sigma/10, as the reference code starts at 1e-3 for
+      sigma = 0.01) to ``sigma`` over ``total_steps`` with sigma_start + (sigma - sigma_start)
+      (1 - cos(pi t / T)) / 2.
+    - ``adaptive=True`` (ARWP): per-filter history F <- beta F + ||g_j||^2 of the perturbed
+      gradients (:func:`arwp_history_update`, no (1 - beta)), dividing the noise variance by
+      sqrt(1 + eta F_j). The reference code instead divides the std by sqrt(1 + eta F_j).
+    - ``lam < 1`` (m-RWP / m-ARWP): gradient lam grad L_B1(w + eps) + (1 - lam) grad L_B2(w).
+      The clean pass asks for ``Pass(batch=1)`` and the perturbed one for ``Pass(batch=0)``, so a
+      loop may feed two different batches (``batches_per_step == 2``) or the same one twice.
+    Closure calls per step: 1 for lam = 1 (its pass updates BatchNorm statistics: there is no
+    pass at w), 2 for lam < 1 (clean pass first; its loss is returned).
+    """
+
+    def __init__(self, params, base="sgd", *, sigma: float = 0.01, sigma_schedule: str = "constant",
+                 sigma_start: float | None = None, total_steps: int | None = None, adaptive: bool = False,
+                 eta: float = 0.1, beta: float = 0.99, lam: float = 1.0, **kwargs):
+        _check_positive("sigma", sigma)
+        _check_positive("eta", eta)
+        if sigma_schedule not in ("constant", "cosine"):
+            raise ValueError(f"invalid sigma_schedule: {sigma_schedule!r}; use 'constant' or 'cosine'")
+        if sigma_schedule == "cosine" and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"invalid total_steps: {total_steps!r}; the cosine sigma schedule needs the number "
+                             "of training steps (or use sigma_schedule='constant')")
+        if sigma_start is not None:
+            _check_positive("sigma_start", sigma_start)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"invalid beta: {beta!r}; must be in [0, 1]")
+        if not 0.0 < lam <= 1.0:
+            raise ValueError(f"invalid lam: {lam!r}; must be in (0, 1] (1 = RWP, 0.5 = the m-RWP paper's)")
+        super().__init__(params, base, **kwargs)
+        self.sigma, self.sigma_schedule, self.total_steps = sigma, sigma_schedule, total_steps
+        self.sigma_start = sigma / 10 if sigma_start is None else sigma_start
+        self.adaptive, self.eta, self.beta, self.lam = adaptive, eta, beta, lam
+        self.batches_per_step = 1 if lam == 1.0 else 2
+
+    def sigma_at(self, step: int) -> float:
+        """The noise scale sigma_t at optimizer step ``step``."""
+        if self.sigma_schedule == "constant":
+            return self.sigma
+        progress = min(step / self.total_steps, 1.0)
+        return self.sigma_start + (self.sigma - self.sigma_start) * (1.0 - math.cos(math.pi * progress)) / 2.0
+
+    def history(self) -> list[Tensor] | None:
+        """ARWP's per-filter history F (shaped like ``filter_norms``), None for RWP."""
+        if not self.adaptive:
+            return None
+        params = self._params()
+        for p in params:
+            if "history" not in self.state[p]:
+                self.state[p]["history"] = torch.zeros_like(filter_norms(p))
+        return [self.state[p]["history"] for p in params]
+
+    def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
+        clean, loss = None, None
+        if self.lam < 1.0:
+            loss = self._run(closure, Pass(batch=1))
+            clean = self._take_grads(params)
+        history = self.history()
+        self._perturb(params, filterwise_noise(params, self.sigma_at(self.steps), self.generator, history, self.eta))
+        perturbed_loss = self._run(closure, Pass(perturbed=True, batch=0), update_bn=clean is None)
+        self._restore(params)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        if history is not None:
+            updated = arwp_history_update(history, self._unscale(grads), self.beta)
+            if self._scaling():
+                finite = torch.isfinite(global_norm(updated))
+                updated = [torch.where(finite, new, old) for new, old in zip(updated, history)]
+            for p, h in zip(params, updated):
+                self.state[p]["history"] = h
+        if clean is not None:
+            torch._foreach_mul_(grads, self.lam)
+            torch._foreach_add_(grads, clean, alpha=1.0 - self.lam)
+            for p, g in zip(params, grads):
+                p.grad = g
+        return perturbed_loss if loss is None else loss
+
+
 # ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class OptimizerInfo:
-    """One registry entry: the factory and the defaults it applies (papers' settings, adapted)."""
+    """A registry entry: the class, a description and the defaults ``create`` applies."""
 
     name: str
     description: str
     factory: Callable[..., torch.optim.Optimizer]
     defaults: dict = field(default_factory=dict)
+
+    def accepts(self, option: str) -> bool:
+        """Whether ``create(name, ...)`` understands the keyword ``option`` (beyond base-optimizer ones)."""
+        if issubclass(self.factory, PerturbedOptimizer):
+            classes = [c for c in self.factory.__mro__ if issubclass(c, PerturbedOptimizer)]
+            return any(option in inspect.signature(c.__init__).parameters for c in classes)
+        return option in inspect.signature(self.factory.__init__).parameters
 
 
 _REGISTRY: dict[str, OptimizerInfo] = {}
@@ -205,21 +714,46 @@ def _canonical(name: str) -> str:
 
 
 def list_optimizers(pattern: str | None = None) -> list[OptimizerInfo]:
-    """Registered optimizers whose name matches the glob ``pattern`` (all if None)."""
-    return [info for name, info in _REGISTRY.items() if pattern is None or fnmatch.fnmatch(name, _canonical(pattern))]
+    """Registered optimizers whose name matches the glob ``pattern`` (hyphens ignored; all if None)."""
+    return [info for name, info in _REGISTRY.items()
+            if pattern is None or fnmatch.fnmatchcase(name, _canonical(pattern))]
 
 
 def create(name: str, params, **hparams) -> torch.optim.Optimizer:
-    """Build the registered optimizer ``name`` (hyphens/underscores ignored) over ``params``.
+    """Build the registered optimizer ``name`` (case, hyphens and underscores ignored) over ``params``.
 
-    ``hparams`` override the entry's defaults (see :func:`list_optimizers`).
+    Precedence: the base optimizer's registry defaults (for ``base="sgd"``/``"adamw"``), then the
+    method's paper defaults, then ``hparams``. Wrappers take ``base=``, ``model=``, ``seed=``, ...
+    (see :class:`PerturbedOptimizer`); everything else goes to the base optimizer.
     """
     key = _canonical(name)
     if key not in _REGISTRY:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(_REGISTRY)}")
     info = _REGISTRY[key]
-    return info.factory(params, **{**info.defaults, **hparams})
+    options = {**info.defaults, **hparams}
+    if issubclass(info.factory, PerturbedOptimizer):
+        base = options.setdefault("base", "sgd")
+        if isinstance(base, str) and _canonical(base) in ("sgd", "adamw"):
+            options = {**_REGISTRY[_canonical(base)].defaults, **options}
+    return info.factory(params, **options)
 
 
 _register("sgd", "SGD with momentum (torch.optim.SGD)", torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
 _register("adamw", "AdamW (torch.optim.AdamW)", torch.optim.AdamW, lr=1e-3, weight_decay=0.01)
+_register("sam", "SAM, p-norm ascent (Foret et al. 2021); 2 passes", SAM, rho=0.05, p=2.0)
+_register("asam", "ASAM, SAM with T_w = |w| + eta on weights (Kwon et al. 2021); 2 passes", SAM,
+          rho=0.5, adaptive=True, eta=0.01)
+_register("rsam", "R-SAM, random start + projected ascent (Liu et al. 2022); 2 passes", RSAM,
+          rho=0.05, gamma=0.01, lam=1.0)
+_register("rwp", "RWP, filter-wise random perturbation (Li et al.); 1 pass", RWP,
+          sigma=0.01, sigma_schedule="cosine")
+_register("arwp", "ARWP, RWP with gradient-history-adapted noise (Li et al.); 1 pass", RWP,
+          sigma=0.01, sigma_schedule="cosine", adaptive=True, eta=0.1, beta=0.99)
+_register("mrwp", "m-RWP, lam*grad(w+eps; B1) + (1-lam)*grad(w; B2) (Li et al.); 2 passes", RWP,
+          sigma=0.015, sigma_schedule="cosine", lam=0.5)
+_register("marwp", "m-ARWP, m-RWP with ARWP noise (Li et al.); 2 passes", RWP,
+          sigma=0.015, sigma_schedule="cosine", lam=0.5, adaptive=True, eta=0.1, beta=0.99)
+_register("ssamf", "SSAM-F, SAM on a Fisher top-k mask (Mi et al. 2022); 2 passes", SSAMF,
+          rho=0.1, sparsity=0.5, refresh=1000, num_samples=1024)
+_register("ssamd", "SSAM-D, SAM on a dynamic drop/regrow mask (Mi et al. 2022); 2 passes", SSAMD,
+          rho=0.1, sparsity=0.5, refresh=1000, drop_rate=0.5)
