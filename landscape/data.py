@@ -67,7 +67,7 @@ DATASET_FORMS = [
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Dataset:
     """A labelled train split and an optional test split.
 
@@ -133,6 +133,7 @@ def eval_subset(x: Tensor, y: Tensor, subset: int | None, seed: int) -> tuple[Te
 
 
 def _forms() -> str:
+    """The accepted spec forms, comma-separated, for error messages."""
     return ", ".join(form for form, _ in DATASET_FORMS)
 
 
@@ -143,9 +144,10 @@ def import_function(spec: str, what: str, alternatives: str) -> Callable:
     accepted forms offered as a fix.
     """
     module_name, _, function_name = spec.partition(":")
-    added = os.getcwd() not in sys.path
+    cwd = os.getcwd()
+    added = cwd not in sys.path
     if added:
-        sys.path.append(os.getcwd())
+        sys.path.append(cwd)
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
@@ -155,7 +157,7 @@ def import_function(spec: str, what: str, alternatives: str) -> Callable:
                              f"(run from its folder or add it to PYTHONPATH), or use {alternatives}") from None
     finally:
         if added:
-            sys.path.remove(os.getcwd())
+            sys.path.remove(cwd)
     function = getattr(module, function_name, None)
     if not callable(function):
         raise LandscapeError(f"module '{module_name}' has no function '{function_name}' for {what} '{spec}'; "

@@ -71,7 +71,7 @@ def tiny_cifar(tmp_path: Path) -> TinyCifar:
 
 @pytest.fixture(scope="session")
 def digits():
-    """The default ``digits`` dataset (seed 0), loaded once per test session."""
+    """The default ``digits`` dataset (seed 0), loaded once per session: never modify its tensors in place."""
     from landscape.data import load_dataset
 
     return load_dataset("digits", seed=0)

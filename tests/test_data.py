@@ -8,7 +8,7 @@ import pytest
 import torch
 from sklearn.datasets import load_digits
 
-from landscape.data import Dataset, eval_subset, list_datasets, load_dataset
+from landscape.data import eval_subset, list_datasets, load_dataset
 from landscape.errors import LandscapeError
 
 # Published per-channel CIFAR statistics on the [0, 1] scale, written out independently of the code.
