@@ -105,6 +105,9 @@ class Objective:
         if len(inputs) != len(targets) or len(inputs) == 0:
             raise LandscapeError(f"evaluation set has {len(inputs)} inputs and {len(targets)} targets; "
                                  "they must be equal and non-zero")
+        if isinstance(model, torch.jit.ScriptModule):
+            raise LandscapeError("a TorchScript model cannot be differentiated functionally; pass --arch NAME "
+                                 "(and --arch-kwargs) so its weights load into an eager model")
         first = next(model.parameters(), None)
         if first is None:
             raise LandscapeError("the model has no parameters")
@@ -246,9 +249,12 @@ def load_objective(checkpoint: str, *, data: str | None = None, split: str = "tr
             raise LandscapeError(f"unknown --dtype {dtype!r}; use float32 or float64")
         dtype = getattr(torch, dtype)
     dataset = load_dataset(data) if data else None
+    given = arch_kwargs or {}
+    # The dataset fills in the class count and input shape only for an architecture named on the
+    # command line (foreign weights); an own checkpoint's recorded values and --arch-kwargs win.
     ckpt = load_checkpoint(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
-                           num_classes=dataset.num_classes if dataset else None,
-                           input_shape=dataset.input_shape if dataset else None)
+                           num_classes=dataset.num_classes if dataset and arch and "num_classes" not in given else None,
+                           input_shape=dataset.input_shape if dataset and arch and "input_shape" not in given else None)
     spec = data or ckpt.meta.get("dataset")
     if not spec:
         raise LandscapeError(f"{checkpoint} does not record its dataset; pass --data (e.g. --data digits)")
