@@ -78,10 +78,10 @@ def _cell(mean: float, std: float) -> str:
 
 
 def _echo_table(header: list[str], rows: list[list[str]]) -> None:
+    """Aligned columns: the first (a label) left-aligned, the numbers right-aligned."""
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    click.echo("  ".join(h.rjust(w) for h, w in zip(header, widths)))
-    for row in rows:
-        click.echo("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+    for row in (header, *rows):
+        click.echo("  ".join([row[0].ljust(widths[0]), *(c.rjust(w) for c, w in zip(row[1:], widths[1:]))]))
 
 
 def print_cosine(result: Any) -> None:

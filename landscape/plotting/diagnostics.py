@@ -89,6 +89,7 @@ def _draw_ratio(entries: Sequence[Entry], by: str = "rho", rho_index: int = -1):
     else:
         ri = rho_index % len(rhos)
         panels = [(name, [("", layer, ri)]) for name, layer in arrays0["layers"].items()]
+    name = str(attrs0.get("config", {}).get("perturbation", "sam")).upper()
     cols = min(len(panels), 4)
     rows = -(-len(panels) // cols)
     figure, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
@@ -101,7 +102,7 @@ def _draw_ratio(entries: Sequence[Entry], by: str = "rho", rho_index: int = -1):
                                    int(arrays["zero_gradient_count"][ri]))
             _histogram(ax, edges, np.asarray(arrays["counts"][ri]), text, colors[si % len(colors)], len(series) == 1)
         ax.axvline(0.0, color="k", ls="--", lw=0.8)
-        ax.set(title=title, xlabel="r = log10|(g_SAM − g_SGD)/g_SGD|", ylabel="density")
+        ax.set(title=title, xlabel=f"r = log10|(g_{name} − g_SGD)/g_SGD|", ylabel="density")
         ax.legend(fontsize=7)
     for ax in list(axes.flat)[len(panels):]:
         ax.axis("off")
