@@ -1,0 +1,250 @@
+"""``landscape surface``, ``landscape interpolate`` and ``landscape radius``: the loss around a checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+from landscape.cli.common import (arch_options, data_option, device_option, eval_options, objective_from_options,
+                                  out_option, overwrite_options, parse_floats, progress, seed_option)
+from landscape.errors import LandscapeError
+
+
+def parse_axis(text: str, name: str, log: bool = False) -> np.ndarray:
+    """``LO:HI:N`` (N points, ends included; log-spaced if ``log``) or a comma-separated list."""
+    if ":" not in text:
+        try:
+            values = np.asarray(parse_floats(text, name))
+        except click.UsageError as error:
+            raise LandscapeError(error.message) from None
+    else:
+        parts = text.split(":")
+        try:
+            low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
+        except (ValueError, IndexError):
+            count = 0
+        if len(parts) != 3 or count < 1:
+            example = "1e-3:10:25" if log else "-1:1:51"
+            raise LandscapeError(f"{name} must be LO:HI:N with N >= 1 or a comma-separated list, e.g. {example}; "
+                                 f"got {text!r}")
+        if log and not (low > 0 and high > 0):
+            raise LandscapeError(f"{name} is log-spaced, so LO and HI must be > 0; got {text!r}")
+        values = np.geomspace(low, high, count) if log else np.linspace(low, high, count)
+    if not np.all(np.isfinite(values)):
+        raise LandscapeError(f"{name} must hold finite numbers; got {text!r}")
+    return values
+
+
+def _with_both_splits(function: Callable) -> Callable:
+    """The shared evaluation options, with ``--split both`` evaluating train and test at the same points."""
+    function = eval_options()(function)
+    for param in function.__click_params__:
+        if param.name == "split":
+            param.type = click.Choice(["train", "test", "both"])
+            param.help = "Which split's loss and accuracy: train, test, or both at the same points."
+    return function
+
+
+def _common(function: Callable) -> Callable:
+    for decorator in reversed((data_option, _with_both_splits, arch_options, device_option, seed_option,
+                               out_option("landscape.h5"), overwrite_options)):
+        function = decorator(function)
+    return function
+
+
+def _objectives(checkpoint: str, split: str, seed: int, options: dict[str, Any]) -> tuple[Any, Any]:
+    """The (first, test-or-None) objectives that ``--split`` asks for."""
+    first = objective_from_options(checkpoint, split="train" if split == "both" else split, seed=seed, **options)
+    test = objective_from_options(checkpoint, split="test", seed=seed, **options) if split == "both" else None
+    return first, test
+
+
+def _other_checkpoint(path: str, options: dict[str, Any]) -> Any:
+    from landscape.checkpoint import load_checkpoint
+    return load_checkpoint(path, arch=options["arch"], arch_kwargs=options["arch_kwargs"], trust=options["trust"])
+
+
+class _Bar:
+    """Adapts a progress bar to the analyses' ``progress(done, total)`` callback."""
+
+    def __init__(self, desc: str, unit: str) -> None:
+        self.bar = progress(None, desc, unit)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.refresh()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _run_with_bar(desc: str, unit: str, function: Callable[..., Any], **kwargs: Any) -> Any:
+    bar = _Bar(desc, unit)
+    try:
+        return function(progress=bar, **kwargs)
+    finally:
+        bar.close()
+
+
+def _describe(result: Any, names: list[str]) -> None:
+    """Loss and accuracy at the origin (if on the grid), the range, and the number of divergent points."""
+    coordinates = [np.asarray(result[n]) for n in names]
+    origin = tuple(int(np.argmin(np.abs(c))) for c in coordinates)
+    at_origin = all(c[i] == 0 for c, i in zip(coordinates, origin))
+    for split in result.attrs["config"]["splits"]:
+        loss, acc = np.asarray(result[f"{split}_loss"]), np.asarray(result[f"{split}_acc"])
+        finite = loss[np.isfinite(loss)]
+        text = f"{split}: loss at the origin {loss[origin]:.4f} (acc {acc[origin]:.4f}), " if at_origin else f"{split}: "
+        span = f"min {finite.min():.4f}, max {finite.max():.4g}" if finite.size else "no finite value"
+        click.echo(f"{text}{span}; {loss.size - finite.size} of {loss.size} points divergent (inf/NaN)")
+
+
+@click.command()
+@click.argument("checkpoint")
+@click.option("--x", "x_axis", default="-1:1:51", show_default=True, metavar="LO:HI:N",
+              help="Coordinates along direction 1: N points from LO to HI, or a comma-separated list.")
+@click.option("--y", "y_axis", default="-1:1:51", show_default=True, metavar="LO:HI:N",
+              help="Coordinates along direction 2 (ignored with --1d).")
+@click.option("--1d", "one_d", is_flag=True, default=False, help="A 1-D slice along direction 1 only.")
+@click.option("--norm", default="filter", show_default=True, type=click.Choice(["filter", "layer", "none"]),
+              help="Direction normalisation: per filter (Li et al.), per layer, or none.")
+@click.option("--include-biasbn", is_flag=True, default=False,
+              help="Also move biases and BatchNorm weights (they get zero direction by default).")
+@click.option("--orthogonal", is_flag=True, default=False, help="Make direction 2 orthogonal to direction 1.")
+@click.option("--x-target", default=None, metavar="CKPT",
+              help="Direction 1 points to this checkpoint (x = 1 lands on it), unnormalised.")
+@click.option("--bn-recompute", is_flag=True, default=False,
+              help="Recompute BatchNorm running statistics at every point (stale statistics inflate the loss "
+                   "away from the origin); costs one extra pass per point.")
+@_common
+def surface(checkpoint: str, x_axis: str, y_axis: str, one_d: bool, norm: str, include_biasbn: bool,
+            orthogonal: bool, x_target: str | None, bn_recompute: bool, split: str, out: str, overwrite: bool,
+            resume: bool, seed: int, **options: Any) -> None:
+    """Loss and accuracy on L(w + a d1 + b d2) with filter-normalised random directions (Li et al. 2018).
+
+    Writes /surface of --out point by point (Li et al.'s names: xcoordinates, ycoordinates,
+    train_loss, train_acc, test_loss, test_acc, shaped (len(x), len(y)); plus the directions and a
+    done mask). A killed run continues with --resume; divergent points are stored as inf/NaN.
+
+    \b
+    Examples:
+      landscape surface runs/sam.pt --out runs/sam.h5
+      landscape surface runs/sgd.pt --x -1:1:101 --1d --split both --subset 1000
+      landscape surface runs/sgd.pt --x-target runs/sam.pt --y -0.5:0.5:21 --orthogonal --resume
+    Python:
+      landscape.loss_surface(landscape.load_objective("runs/sam.pt"), out="runs/sam.h5")
+    """
+    from landscape.analysis.surface import loss_surface
+
+    x = parse_axis(x_axis, "--x")
+    y = None if one_d else parse_axis(y_axis, "--y")
+    if orthogonal and one_d:
+        raise LandscapeError("--orthogonal needs two directions; drop --1d or --orthogonal")
+    first, test = _objectives(checkpoint, split, seed, options)
+    target = _other_checkpoint(x_target, options) if x_target else None
+    result = _run_with_bar("surface", "pt", loss_surface, objective=first, x=x, y=y, test_objective=test,
+                           normalization=norm, include_biasbn=include_biasbn, orthogonal=orthogonal, x_target=target,
+                           bn_recompute=bn_recompute, seed=seed, out=out, resume=resume, overwrite=overwrite)
+    _describe(result, ["xcoordinates"] if one_d else ["xcoordinates", "ycoordinates"])
+    shape = "x".join(str(n) for n in np.shape(result[f"{result.attrs['config']['splits'][0]}_loss"]))
+    click.echo(f"wrote {out} /surface ({shape} grid)")
+
+
+@click.command()
+@click.argument("checkpoint_a")
+@click.argument("checkpoint_b")
+@click.option("--alphas", default="-0.5:1.5:41", show_default=True, metavar="LO:HI:N",
+              help="Coefficients α of w_a + α (w_b - w_a): N points from LO to HI, or a list.")
+@click.option("--move-buffers", is_flag=True, default=False,
+              help="Interpolate BatchNorm running statistics too (otherwise A's are used throughout).")
+@click.option("--bn-recompute", is_flag=True, default=False,
+              help="Recompute BatchNorm running statistics at every α instead.")
+@_common
+def interpolate(checkpoint_a: str, checkpoint_b: str, alphas: str, move_buffers: bool, bn_recompute: bool,
+                split: str, out: str, overwrite: bool, resume: bool, seed: int, **options: Any) -> None:
+    """Loss and accuracy along the line from CHECKPOINT_A (α = 0) to CHECKPOINT_B (α = 1).
+
+    Writes /interpolation of --out (alphas, train_loss, train_acc, ...) point by point; --resume
+    continues a killed run. Prints the loss barrier: the largest excess over the chord on [0, 1].
+
+    \b
+    Examples:
+      landscape interpolate runs/sgd.pt runs/sam.pt --out runs/sgd_sam.h5
+      landscape interpolate runs/sgd.pt runs/sam.pt --alphas 0:1:21 --move-buffers --split both
+    Python:
+      landscape.interpolate(landscape.load_objective("runs/sgd.pt"), "runs/sam.pt").save("runs/sgd_sam.h5")
+    """
+    from landscape.analysis.surface import interpolate as run_interpolation
+
+    values = parse_axis(alphas, "--alphas")
+    first, test = _objectives(checkpoint_a, split, seed, options)
+    target = _other_checkpoint(checkpoint_b, options)
+    result = _run_with_bar("interpolate", "pt", run_interpolation, objective=first, target=target, alphas=values,
+                           move_buffers=move_buffers, test_objective=test, bn_recompute=bn_recompute, out=out,
+                           resume=resume, overwrite=overwrite)
+    _describe(result, ["alphas"])
+    inside = (values >= 0) & (values <= 1)
+    ends = [int(np.argmin(np.abs(values - a))) for a in (0.0, 1.0)]
+    if inside.any() and values[ends[0]] == 0 and values[ends[1]] == 1:
+        for split_name in result.attrs["config"]["splits"]:
+            loss = np.asarray(result[f"{split_name}_loss"])
+            chord = (1 - values) * loss[ends[0]] + values * loss[ends[1]]
+            click.echo(f"{split_name}: loss barrier on [0, 1] = {np.max((loss - chord)[inside]):.4g}")
+    click.echo(f"wrote {out} /interpolation ({len(values)} points)")
+
+
+@click.command()
+@click.argument("checkpoint")
+@click.option("--radii", default="1e-3:10:25", show_default=True, metavar="LO:HI:N",
+              help="Radii r (global L2 norm of the weight change): N log-spaced from LO to HI, or a list.")
+@click.option("--draws", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Random directions for RWP (the same ones at every radius).")
+@click.option("--rho-p", default=2.0, show_default=True, type=click.FloatRange(min=1),
+              help="p of SAM's ascent direction (2: the gradient; inf: its sign).")
+@click.option("--ratio-levels", default=None, metavar="LIST",
+              help="Loss increases (nats) at which to compare the radii [default: 5 inside both curves, <= 1].")
+@data_option
+@eval_options()
+@arch_options
+@device_option
+@seed_option
+@out_option("landscape.h5")
+@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing /radius group.")
+def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: str | None, out: str,
+           overwrite: bool, seed: int, **options: Any) -> None:
+    """Perturbed loss versus radius: adversarial (AWP, SAM's direction) against random (RWP) weight perturbations.
+
+    AWP: L(w + r ε/‖ε‖) with ε SAM's ascent at the full-set gradient. RWP: mean ± std of
+    L(w + r ξ/‖ξ‖) over --draws filter-wise noise draws (RWP's noise). Prints the RWP/AWP radius
+    ratio needed for the same loss increase (the RWP paper finds about 100×). Writes /radius of --out.
+
+    \b
+    Examples:
+      landscape radius runs/sgd.pt --out runs/sgd.h5
+      landscape radius runs/sgd.pt --radii 1e-2:100:31 --draws 20 --subset 1000
+    Python:
+      landscape.radius_curve(landscape.load_objective("runs/sgd.pt")).save("runs/sgd.h5")
+    """
+    from landscape.analysis.radius import radius_curve
+    from landscape.store import list_groups
+
+    values = parse_axis(radii, "--radii", log=True)
+    levels = parse_axis(ratio_levels, "--ratio-levels") if ratio_levels else None
+    if not overwrite and Path(out).exists() and "radius" in list_groups(out):
+        raise LandscapeError(f"{out} already holds /radius; pass --overwrite to replace it or choose another --out")
+    objective = objective_from_options(checkpoint, seed=seed, **options)
+    result = _run_with_bar("radius", "radius", radius_curve, objective=objective, radii=values, draws=draws,
+                           rho_p=rho_p, seed=seed, ratio_levels=levels)
+    result.save(out, overwrite=overwrite)
+    a = result.arrays
+    click.echo(f"{'radius':>10}  {'L_AWP':>10}  {'L_RWP (mean ± std)':>22}")
+    for r, awp, rwp, std in zip(a["radii"], a["loss_awp"], a["loss_rwp"], a["loss_rwp_std"]):
+        click.echo(f"{r:>10.4g}  {awp:>10.4g}  {rwp:>12.4g} ± {std:<9.3g}")
+    click.echo(f"unperturbed loss {result['loss_base']:.4g}; RWP/AWP radius ratio at equal loss increase: "
+               f"{result['radius_ratio']:.3g}x (levels {', '.join(f'{v:.3g}' for v in a['ratio_levels'])} nats)")
+    click.echo(f"wrote {out} /radius")
