@@ -95,6 +95,52 @@ def _summary(samples: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np
     return np.nanmean(samples, axis=axes), np.nanstd(samples, axis=axes)
 
 
+def _stability_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], rhos: list[float],
+                       gammas2: list[float], noise: str, draws: int, seed: int,
+                       tick: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Cosine and perturbed loss per (γ², batch, draw, ρ); NaN-padded where γ² = 0 needs one draw only."""
+    weights = list(objective.params.values())
+    shape = (len(gammas2), len(data), draws, len(rhos))
+    cosines, perturbed = np.full(shape, np.nan), np.full(shape, np.nan)
+    for gi, gamma2 in enumerate(gammas2):
+        for b, (x, y) in enumerate(data):
+            for d in range(draws if gamma2 > 0 else 1):
+                base = objective.params
+                if gamma2 > 0:
+                    generator = seeded_generator(seed, _COSINE_NOISE, b, d)
+                    base = shifted(base, start_noise(weights, math.sqrt(gamma2), noise, generator))
+                _, grads = loss_and_grad(objective, base, x, y)
+                for ri, rho in enumerate(rhos):
+                    ascent = optimizers.sam_perturbation(grads, rho)
+                    perturbed[gi, b, d, ri], moved = loss_and_grad(objective, shifted(base, ascent), x, y)
+                    cosines[gi, b, d, ri] = cosine(grads, moved)
+                tick()
+    return cosines, perturbed
+
+
+def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], rhos: list[float], draws: int,
+                       pga_steps: int, pga_step: float, rsam_gamma: float, rsam_lam: float, seed: int,
+                       tick: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch losses: unperturbed (B), projected-ascent iterates from SAM's point (B x R x k+1), R-SAM (B x D x R)."""
+    weights = list(objective.params.values())
+    base_losses = np.zeros(len(data))
+    pga = np.zeros((len(data), len(rhos), pga_steps + 1))
+    rsam = np.zeros((len(data), draws, len(rhos)))
+    for b, (x, y) in enumerate(data):
+        base_losses[b], grads = loss_and_grad(objective, objective.params, x, y)
+        for ri, rho in enumerate(rhos):
+            pga[b, ri] = projected_ascent(objective, x, y, rho, optimizers.sam_perturbation(grads, rho),
+                                          pga_steps, pga_step)
+        for d in range(draws):
+            delta0 = optimizers.rsam_noise(weights, rsam_gamma, seeded_generator(seed, _RSAM_NOISE, b, d))
+            _, noisy = loss_and_grad(objective, shifted(objective.params, delta0), x, y)
+            for ri, rho in enumerate(rhos):
+                ascent = optimizers.rsam_perturbation(delta0, noisy, rho, rsam_lam)
+                rsam[b, d, ri] = batch_loss(objective, shifted(objective.params, ascent), x, y)
+        tick()
+    return base_losses, pga, rsam
+
+
 def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
                      gammas2: Sequence[float] = DEFAULT_GAMMAS2, *, noise: str = "kernel", batches: int = 4,
                      draws: int = 4, batch_size: int | None = None, bn: str | None = "train", pga_steps: int = 10,
@@ -132,47 +178,15 @@ def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
     _check(rhos, gammas2, noise, draws, pga_steps, pga_step, rsam_gamma, rsam_lam)
     objective = with_bn(objective, bn)
     data = minibatches(objective, batches, batch_size, seed)
-    weights = list(objective.params.values())
     num_draws = [1 if g2 == 0 else draws for g2 in gammas2]
     bar = progress(sum(num_draws) * batches + batches, "cosine", "point") if progress else None
-
-    shape = (len(gammas2), batches, draws, len(rhos))
-    cosines, perturbed = np.full(shape, np.nan), np.full(shape, np.nan)
-    for gi, gamma2 in enumerate(gammas2):
-        for b, (x, y) in enumerate(data):
-            for d in range(num_draws[gi]):
-                base = objective.params
-                if gamma2 > 0:
-                    delta0 = start_noise(weights, math.sqrt(gamma2), noise, seeded_generator(seed, _COSINE_NOISE, b, d))
-                    base = shifted(base, delta0)
-                _, grads = loss_and_grad(objective, base, x, y)
-                for ri, rho in enumerate(rhos):
-                    ascent = optimizers.sam_perturbation(grads, rho)
-                    perturbed[gi, b, d, ri], moved = loss_and_grad(objective, shifted(base, ascent), x, y)
-                    cosines[gi, b, d, ri] = cosine(grads, moved)
-                if bar:
-                    bar.update(1)
-
-    base_losses = np.zeros(batches)
-    pga = np.zeros((batches, len(rhos), pga_steps + 1))
-    rsam = np.zeros((batches, draws, len(rhos)))
-    for b, (x, y) in enumerate(data):
-        base_losses[b], grads = loss_and_grad(objective, objective.params, x, y)
-        for ri, rho in enumerate(rhos):
-            pga[b, ri] = projected_ascent(objective, x, y, rho, optimizers.sam_perturbation(grads, rho),
-                                          pga_steps, pga_step)
-        for d in range(draws):
-            delta0 = optimizers.rsam_noise(weights, rsam_gamma, seeded_generator(seed, _RSAM_NOISE, b, d))
-            _, noisy = loss_and_grad(objective, shifted(objective.params, delta0), x, y)
-            for ri, rho in enumerate(rhos):
-                ascent = optimizers.rsam_perturbation(delta0, noisy, rho, rsam_lam)
-                rsam[b, d, ri] = batch_loss(objective, shifted(objective.params, ascent), x, y)
-        if bar:
-            bar.update(1)
+    tick = bar.update if bar else lambda: None
+    cosines, perturbed = _stability_samples(objective, data, rhos, gammas2, noise, draws, seed, tick)
+    base_losses, pga, rsam = _inner_max_samples(objective, data, rhos, draws, pga_steps, pga_step, rsam_gamma,
+                                                rsam_lam, seed, tick)
     if bar:
         bar.close()
-    sam = pga[:, :, 0]
-    best = pga.max(axis=2)
+    sam, best = pga[:, :, 0], pga.max(axis=2)
 
     cosine_mean, cosine_std = _summary(cosines, (1, 2))
     perturbed_mean, perturbed_std = _summary(perturbed, (1, 2))
