@@ -1,0 +1,328 @@
+"""Loss surfaces and interpolation, checked against hand-built perturbed models evaluated with a plain forward."""
+
+import copy
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch import nn
+
+from landscape.analysis.surface import PointEvaluator, interpolate, loss_surface, surface_directions
+from landscape.checkpoint import save_checkpoint
+from landscape.cli.main import cli
+from landscape.data import eval_subset
+from landscape.errors import LandscapeError
+from landscape.models import build_model
+from landscape.objective import Objective
+from landscape.results import Result
+
+
+def assert_close(actual, expected, rtol, what):
+    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
+    bad = ~np.isclose(actual, expected, rtol=rtol, atol=0)
+    assert not bad.any(), f"{what}: mismatches at {np.argwhere(bad).tolist()}: {actual[bad]} vs {expected[bad]}"
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    x, y, _ = eval_subset(*digits.split("train"), 160, 0)
+    return x.double(), y
+
+
+def make_model(name: str, seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    kwargs = {"hidden": (12,)} if name == "mlp" else {"width": 4}
+    model = build_model(name, 10, (1, 8, 8), **kwargs)
+    with torch.no_grad():  # give BatchNorm non-trivial running statistics
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
+    return model.eval()
+
+
+def perturbed(model: nn.Module, moves: dict[str, torch.Tensor]) -> nn.Module:
+    """An independent float64 copy of ``model`` with ``moves`` added to its state (load_state_dict)."""
+    copy_ = copy.deepcopy(model).double()
+    state = copy_.state_dict()
+    copy_.load_state_dict({n: t + moves[n] if n in moves else t for n, t in state.items()})
+    return copy_.eval()
+
+
+def plain_metrics(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    with torch.no_grad():
+        out = model(x)
+    return float(F.cross_entropy(out, y)), float((out.argmax(1) == y).double().mean())
+
+
+def test_filter_normalised_directions_have_the_weights_filter_norms():
+    params = {n: p.detach().double() for n, p in make_model("cnn").named_parameters()}
+    for include_biasbn in (False, True):
+        x, y = surface_directions(params, seed=5, include_biasbn=include_biasbn)
+        for name, w in params.items():
+            for d in (x, y):
+                if w.ndim >= 2:
+                    expected, actual = w.flatten(1).norm(dim=1), d[name].flatten(1).norm(dim=1)
+                    assert_close(actual, expected, 1e-10, f"filter norms of {name}")
+                elif include_biasbn:
+                    assert_close(d[name].norm(), w.norm(), 1e-10, f"norm of {name}")
+                else:
+                    assert not d[name].any(), f"{name} should not move without include_biasbn"
+    layer = surface_directions(params, 1, seed=5, normalization="layer")[0]
+    for name, w in params.items():
+        if w.ndim >= 2:
+            assert_close(layer[name].norm(), w.norm(), 1e-10, f"layer norm of {name}")
+    x, y = surface_directions(params, seed=5, orthogonal=True)
+    dot = sum(float((x[n] * y[n]).sum()) for n in params)
+    assert abs(dot) < 1e-10 * sum(float(x[n].norm() * y[n].norm()) for n in params)
+
+
+@pytest.mark.parametrize("name,linear_first_layer", [("mlp", False), ("mlp", True), ("cnn", False), ("cnn", True)])
+def test_surface_equals_hand_built_perturbed_models_on_a_non_square_grid(data, name, linear_first_layer):
+    x, y = data
+    model = make_model(name)
+    objective = Objective(model, x, y, dtype=torch.float64, batch_size=64)
+    xs, ys = np.linspace(-0.6, 1.0, 5), np.array([-0.25, 0.0, 0.5])
+    result = loss_surface(objective, xs, ys, seed=3, linear_first_layer=linear_first_layer)
+    assert result.attrs["linear_first_layer_used"] == linear_first_layer
+    assert result["train_loss"].shape == (5, 3) and result["train_acc"].shape == (5, 3) and result["done"].all()
+    d1, d2 = surface_directions(objective.params, seed=3)
+    expected = np.array([[plain_metrics(perturbed(model, {n: a * d1[n] + b * d2[n] for n in d1}), x, y)
+                          for b in ys] for a in xs])
+    assert_close(result["train_loss"], expected[..., 0], 1e-10, "loss (x along axis 0)")
+    assert_close(result["train_acc"], expected[..., 1], 1e-12, "accuracy")
+    stored = result.directions()
+    for name_, tensor in d1.items():
+        assert_close(stored[0][name_], tensor.float(), 1e-6, f"stored xdirection {name_}")
+        assert_close(stored[1][name_], d2[name_].float(), 1e-6, f"stored ydirection {name_}")
+
+
+def test_one_dimensional_slice_on_two_splits(data, digits):
+    x, y = data
+    x_test, y_test = digits.split("test")
+    model = make_model("mlp")
+    train = Objective(model, x, y, dtype=torch.float64)
+    test = Objective(model, x_test[:50].double(), y_test[:50], dtype=torch.float64)
+    xs = np.linspace(-1, 1, 7)
+    result = loss_surface(train, xs, None, test_objective=test, seed=1)
+    assert "ycoordinates" not in result and "ydirection" not in result
+    d1 = surface_directions(train.params, 1, seed=1)[0]
+    for split, (inputs, targets) in {"train": (x, y), "test": (x_test[:50].double(), y_test[:50])}.items():
+        assert result[f"{split}_loss"].shape == (7,)
+        expected = [plain_metrics(perturbed(model, {n: a * d1[n] for n in d1}), inputs, targets) for a in xs]
+        assert_close(result[f"{split}_loss"], [e[0] for e in expected], 1e-10, f"{split} loss")
+
+
+def test_bn_recompute_equals_torch_update_bn_at_each_point(data):
+    x, y = data
+    model = make_model("cnn")
+    objective = Objective(model, x, y, dtype=torch.float64, batch_size=len(x))
+    xs, ys = np.array([0.0, 0.8]), np.array([-0.5])
+    result = loss_surface(objective, xs, ys, seed=2, bn_recompute=True)
+    d1, d2 = surface_directions(objective.params, seed=2)
+    for i, a in enumerate(xs):
+        reference = perturbed(model, {n: a * d1[n] + ys[0] * d2[n] for n in d1})
+        torch.optim.swa_utils.update_bn([(x,)], reference)  # one batch: exact statistics of the set
+        assert_close(result["train_loss"][i, 0], plain_metrics(reference.eval(), x, y)[0], 1e-9, f"loss at x={a}")
+    stale = loss_surface(objective, xs, ys, seed=2)
+    assert not np.allclose(stale["train_loss"][1], result["train_loss"][1]), "recompute should change the loss"
+
+
+def test_model_and_objective_unchanged_after_runs(data, tmp_path):
+    x, y = data
+    model = make_model("cnn")
+    model.train()
+    model.get_submodule("1").eval()
+    flags = [m.training for m in model.modules()]
+    state = {n: t.clone() for n, t in model.state_dict().items()}
+    objective = Objective(model, x, y, dtype=torch.float64)
+    params = {n: t.clone() for n, t in objective.params.items()}
+    loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 2), bn_recompute=True, out=tmp_path / "s.h5")
+    interpolate(objective, make_model("cnn", seed=1), [0.0, 0.5], move_buffers=True)
+    assert [m.training for m in model.modules()] == flags
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, state[name]), f"model {name} changed"
+    for name, tensor in objective.params.items():
+        assert torch.equal(tensor, params[name]), f"objective {name} changed"
+
+
+def test_divergent_points_are_stored_as_they_come(data):
+    x, y = data
+    objective = Objective(make_model("mlp"), x.float(), y)
+    result = loss_surface(objective, [0.0, 1e30, 1e38], None, normalization="none")
+    loss = result["train_loss"]
+    assert np.isfinite(loss[0]) and not np.isfinite(loss[1:]).any() and result["done"].all()
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_interpolation_ends_equal_each_checkpoint(data, tmp_path, name):
+    x, y = data
+    model_a, model_b = make_model(name, 0), make_model(name, 1)
+    path_b = tmp_path / "b.pt"
+    save_checkpoint(path_b, model_b, arch=name, arch_kwargs={"num_classes": 10, "input_shape": [1, 8, 8],
+                    **({"hidden": [12]} if name == "mlp" else {"width": 4})}, dataset="digits", optimizer="none",
+                    optimizer_hparams={}, metrics={}, seed=1)
+    objective = Objective(model_a, x, y, dtype=torch.float64)
+    alphas = [-0.5, 0.0, 0.5, 1.0]
+    result = interpolate(objective, str(path_b), alphas, move_buffers=True)
+    state_a, state_b = model_a.state_dict(), model_b.state_dict()
+    floating = [n for n, t in state_a.items() if t.is_floating_point()]
+    middle = perturbed(model_a, {n: 0.5 * (state_b[n].double() - state_a[n].double()) for n in floating})
+    expected = [plain_metrics(model_a.double(), x, y)[0], plain_metrics(middle, x, y)[0],
+                plain_metrics(model_b.double(), x, y)[0]]
+    assert_close(result["train_loss"][1:], expected, 1e-9, "loss at alpha 0, 0.5, 1")
+    assert result.attrs["target_sha256"] and result["alphas"].tolist() == alphas
+
+
+SCRIPT = textwrap.dedent("""
+    import os, sys, time
+    import numpy as np, torch
+    from torch import nn
+    from landscape.analysis import surface
+    from landscape.objective import Objective
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            time.sleep(float(os.environ.get("SLOW", "0")))
+            return x
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Slow(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
+    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
+    evaluated = []
+    evaluate = surface.PointEvaluator.evaluate
+    surface.PointEvaluator.evaluate = lambda self, points: evaluated.extend(points) or evaluate(self, points)
+    stop = int(os.environ.get("STOP_AFTER", "0"))
+
+    def report(done, total):
+        print(done, total, flush=True)
+        if stop and done >= stop:
+            time.sleep(600)  # killed here, after a flushed write
+
+    surface.loss_surface(Objective(model, x, y, batch_size=16), np.linspace(-1, 1, 6), np.linspace(-2, 2, 5),
+                         out=sys.argv[1], resume=sys.argv[2] == "resume", flush_seconds=0, progress=report)
+    print("evaluated", len(evaluated), flush=True)
+""")
+
+
+def run_script(tmp_path: Path, out: Path, mode: str, **env: str) -> subprocess.Popen:
+    script = tmp_path / "run_surface.py"
+    script.write_text(SCRIPT)
+    return subprocess.Popen([sys.executable, str(script), str(out), mode], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, **env})
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    out, reference = tmp_path / "killed.h5", tmp_path / "reference.h5"
+    worker = run_script(tmp_path, out, "fresh", SLOW="0.01", STOP_AFTER="7")
+    for line in worker.stdout:
+        if int(line.split()[0]) >= 7:
+            break
+    os.kill(worker.pid, signal.SIGKILL)
+    worker.wait()
+    partial = tmp_path / "killed.h5.surface.partial"
+    with h5py.File(partial, "r") as handle:
+        done_before = int(handle["done"][()].sum())
+    assert 7 <= done_before < 30 and not out.exists()
+
+    resumed = run_script(tmp_path, out, "resume")
+    lines = resumed.communicate()[0].split("\n")
+    assert resumed.returncode == 0, lines
+    assert lines[0] == f"{done_before} 30", "resume must start from the flushed points"
+    assert f"evaluated {30 - done_before}" in lines, f"only the missing points are computed: {lines}"
+    plain = run_script(tmp_path, reference, "fresh")
+    assert plain.communicate()[0] and plain.returncode == 0
+    final, expected = Result.load(out, "surface"), Result.load(reference, "surface")
+    for name in ("train_loss", "train_acc", "xcoordinates", "ycoordinates", "xdirection", "ydirection", "done"):
+        np.testing.assert_array_equal(final[name], expected[name], err_msg=name)
+    assert not partial.exists()
+
+
+def test_resume_refuses_other_options(data, tmp_path):
+    x, y = data
+    objective = Objective(make_model("mlp"), x, y)
+    loss_surface(objective, [0.0, 1.0], None, out=tmp_path / "s.h5")
+    with pytest.raises(LandscapeError, match="--overwrite"):
+        loss_surface(objective, [0.0, 1.0], None, out=tmp_path / "s.h5")
+    with pytest.raises(LandscapeError, match="options differ"):
+        loss_surface(objective, [0.0, 2.0], None, out=tmp_path / "s.h5", resume=True)
+    again = loss_surface(objective, [0.0, 1.0], None, out=tmp_path / "s.h5", resume=True)
+    assert again["done"].all()
+
+
+def test_evaluator_rejects_foreign_directions(data):
+    x, y = data
+    objective = Objective(make_model("mlp"), x, y)
+    with pytest.raises(LandscapeError, match="not a floating parameter"):
+        PointEvaluator({"train": objective}, [{"conv.weight": torch.zeros(1)}])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("ckpt")
+    for name, seed in (("a", 0), ("b", 1)):
+        save_checkpoint(folder / f"{name}.pt", make_model("mlp", seed), arch="mlp",
+                        arch_kwargs={"num_classes": 10, "input_shape": [1, 8, 8], "hidden": [12]}, dataset="digits",
+                        optimizer="none", optimizer_hparams={}, metrics={}, seed=seed)
+    return folder
+
+
+def test_cli_surface_interpolate_radius_and_plots(checkpoints, tmp_path):
+    runner = CliRunner()
+    out = str(tmp_path / "r.h5")
+    a, b = str(checkpoints / "a.pt"), str(checkpoints / "b.pt")
+    commands = [["surface", a, "--x", "-1:1:4", "--y", "-0.5:0.5:3", "--subset", "100", "--out", out],
+                ["surface", a, "--x", "-1:1:5", "--1d", "--split", "both", "--out", out, "--overwrite"],
+                ["surface", a, "--x", "-1:1:5", "--1d", "--split", "both", "--out", out, "--resume"],
+                ["interpolate", a, b, "--alphas", "0:1:3", "--subset", "100", "--out", out],
+                ["radius", a, "--radii", "1e-2:1:4", "--draws", "2", "--subset", "100", "--out", out]]
+    for args in commands:
+        result = runner.invoke(cli, args)
+        assert result.exit_code == 0, (args, result.output)
+    assert "RWP/AWP radius ratio" in result.output
+    surface = Result.load(out, "surface")
+    assert surface["train_loss"].shape == (5,) and surface["test_loss"].shape == (5,)
+    assert Result.load(out, "interpolation")["train_loss"].shape == (3,)
+    figures = tmp_path / "figures"
+    result = runner.invoke(cli, ["plot", out, "--out-dir", str(figures)])
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in figures.iterdir()) == ["r_interpolation.png", "r_radius.png", "r_surface.png"]
+
+
+@pytest.mark.parametrize("args", [
+    ["surface", "{a}", "--x", "-1:1"],
+    ["surface", "{a}", "--y", "a:b:3"],
+    ["surface", "{missing}"],
+    ["surface", "{a}", "--1d", "--orthogonal"],
+    ["interpolate", "{a}", "{missing}"],
+    ["radius", "{a}", "--radii", "0:1:5"],
+    ["radius", "{a}", "--radii", "1e-3:1:x"],
+])
+def test_cli_bad_input_is_one_line_and_exit_2(checkpoints, tmp_path, args):
+    paths = {"a": str(checkpoints / "a.pt"), "missing": str(tmp_path / "missing.pt")}
+    result = CliRunner().invoke(cli, [arg.format(**paths) for arg in args] + ["--out", str(tmp_path / "x.h5")])
+    assert result.exit_code == 2, result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_surface_figures_two_d_and_comparison(data, tmp_path):
+    from landscape.plotting import plot_compare
+    x, y = data
+    paths = []
+    for seed in (0, 1):
+        path = tmp_path / f"s{seed}.h5"
+        result = loss_surface(Objective(make_model("cnn", seed), x, y), np.linspace(-1, 1, 4), np.linspace(-1, 1, 3),
+                              out=path)
+        paths.append(path)
+    result.plot(tmp_path / "s1.png", log_loss=True)
+    plot_compare(paths, "surface", tmp_path / "compare.png", ["SGD", "SAM"])
+    assert all((tmp_path / n).stat().st_size > 0 for n in ("s1.png", "compare.png"))
