@@ -31,9 +31,23 @@ _TINY = 1e-12
 # Pure perturbation rules
 # ----------------------------------------------------------------------------------------------
 
-def _check_positive(name: str, value: float, allow_zero: bool = True) -> None:
-    if not (value >= 0 if allow_zero else value > 0) or math.isnan(value):
-        raise ValueError(f"invalid {name}: {value!r}; must be {'>= 0' if allow_zero else '> 0'}")
+def _check_number(name: str, value: float, low: float = 0.0, high: float = math.inf, *,
+                  low_open: bool = False, high_open: bool = False, hint: str = "") -> None:
+    """ValueError unless ``value`` is a real number between ``low`` and ``high`` (closed unless open)."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and (low < value if low_open else low <= value)
+            and (value < high if high_open else value <= high)):
+        if high < math.inf:
+            interval = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        else:
+            interval = f"{'>' if low_open else '>='} {low:g}"
+        raise ValueError(f"invalid {name}: {value!r}; must be a number {interval}{hint}")
+
+
+def _check_count(name: str, value: int, what: str) -> None:
+    """ValueError unless ``value`` is a positive int."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"invalid {name}: {value!r}; use a positive number of {what}")
 
 
 def asam_scale(weights: Sequence[Tensor], eta: float = 0.01) -> list[Tensor]:
@@ -75,15 +89,14 @@ def sam_perturbation(grads: Sequence[Tensor], rho: float, p: float = 2.0,
     ASAM (Kwon et al.) applies it to T_w g and returns T_w * eps, T_w from :func:`asam_scale`.
     A zero gradient gives eps = 0. Shapes follow ``grads``; no host synchronisation.
     """
-    _check_positive("rho", rho)
-    if not p >= 1.0:
-        raise ValueError(f"invalid p: {p!r}; the SAM ascent needs p >= 1 (p = 2 is the paper's)")
+    _check_number("rho", rho)
+    _check_number("p", p, 1.0, math.inf, hint=" (p = 2 is the paper's; inf allowed)")
     grads = list(grads)
     if not adaptive:
         return torch._foreach_mul(_dual_direction(grads, p), rho)
     if weights is None:
         raise ValueError("adaptive=True (ASAM) needs weights; pass the parameters as weights=")
-    _check_positive("eta", eta)
+    _check_number("eta", eta)
     scale = asam_scale(weights, eta)
     direction = _dual_direction(torch._foreach_mul(grads, scale), p)
     return torch._foreach_mul(torch._foreach_mul(direction, scale), rho)
@@ -102,7 +115,7 @@ def rsam_noise(weights: Sequence[Tensor], gamma: float, generator: torch.Generat
     method sheet writes it. Each tensor gets its own draw from ``generator`` (in order), unlike
     the official JAX code, which reuses one key for every tensor.
     """
-    _check_positive("gamma", gamma)
+    _check_number("gamma", gamma)
     noise = _standard_normal(weights, generator)
     return [z * (gamma * filter_norms(w).sqrt()) for z, w in zip(noise, weights)]
 
@@ -113,8 +126,8 @@ def rsam_perturbation(delta0: Sequence[Tensor], grads: Sequence[Tensor], rho: fl
 
     Returns the total perturbation from w (w_adv = w + result), on the rho-sphere.
     """
-    _check_positive("rho", rho)
-    _check_positive("lam", lam)
+    _check_number("rho", rho)
+    _check_number("lam", lam)
     total = torch._foreach_add(list(delta0), list(grads), alpha=lam)
     return torch._foreach_mul(total, rho / global_norm(total, 2.0).clamp_min(_TINY))
 
@@ -128,8 +141,8 @@ def filterwise_noise(weights: Sequence[Tensor], sigma: float, generator: torch.G
     the variance is divided by sqrt(1 + eta F_j), i.e. the std by (1 + eta F_j)^{1/4}. One draw
     per tensor from ``generator``, in order.
     """
-    _check_positive("sigma", sigma)
-    _check_positive("eta", eta)
+    _check_number("sigma", sigma)
+    _check_number("eta", eta)
     noise = _standard_normal(weights, generator)
     scales = [filter_norms(w) * sigma for w in weights]
     if history is not None:
@@ -149,8 +162,7 @@ def fisher_mask(fisher: Sequence[Tensor], sparsity: float) -> list[Tensor]:
 
     Ties at the threshold are broken by ``torch.topk`` order (flattened, in tensor order).
     """
-    if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"invalid sparsity: {sparsity!r}; must be in [0, 1)")
+    _check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint=" (the fraction of entries not perturbed)")
     flat = torch.cat([f.reshape(-1) for f in fisher])
     keep = flat.new_zeros(flat.shape, dtype=torch.bool)
     keep[torch.topk(flat, kept_count(flat.numel(), sparsity), sorted=False).indices] = True
@@ -182,7 +194,7 @@ def dynamic_mask_update(mask: Sequence[Tensor], grads: Sequence[Tensor], num_dro
     noise = torch.rand(flat_mask.shape, generator=generator, device=generator.device).to(flat_mask.device)
     new_mask = flat_mask.clone()
     if num_drop > 0:
-        drop_score = torch.where(flat_mask, flat_grad.float(), torch.inf)
+        drop_score = torch.where(flat_mask, flat_grad, torch.inf)
         grow_score = torch.where(flat_mask, -1.0, noise)
         new_mask[torch.topk(drop_score, num_drop, largest=False).indices] = False
         new_mask[torch.topk(grow_score, num_drop).indices] = True
@@ -198,8 +210,7 @@ def empirical_fisher(model: nn.Module, params: Mapping[str, Tensor], inputs: Ten
     time. ``params`` maps model parameter names to the weights to evaluate at (others are held
     at the model's values). Returns tensors shaped like ``params``; the model is not changed.
     """
-    if chunk_size < 1:
-        raise ValueError(f"invalid chunk_size: {chunk_size!r}; must be >= 1")
+    _check_count("chunk_size", chunk_size, "examples per vmap chunk")
     weights = {name: t.detach() for name, t in params.items()}
     fixed = {name: p.detach() for name, p in model.named_parameters() if name not in weights}
     buffers = dict(model.named_buffers())
@@ -308,8 +319,8 @@ class PerturbedOptimizer(torch.optim.Optimizer):
                  grad_scaler: torch.amp.GradScaler | None = None, seed: int | None = None, **base_kwargs):
         if bn_stats not in ("once", "every"):
             raise ValueError(f"invalid bn_stats: {bn_stats!r}; use 'once' (perturbed passes frozen) or 'every'")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"invalid max_grad_norm: {max_grad_norm!r}; must be > 0 or None")
+        if max_grad_norm is not None:
+            _check_number("max_grad_norm", max_grad_norm, low_open=True)
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"invalid model: {type(model).__name__}; pass the torch.nn.Module being trained")
         base_class = _base_class(base)
@@ -424,12 +435,11 @@ class SAM(PerturbedOptimizer):
     def __init__(self, params, base: str | type[torch.optim.Optimizer] = "sgd", *, rho: float = 0.05,
                  p: float = 2.0, adaptive: bool = False, eta: float = 0.01, m: int | None = None,
                  ascent_weight_decay: bool = False, **kwargs):
-        _check_positive("rho", rho)
-        _check_positive("eta", eta)
-        if not p >= 1.0:
-            raise ValueError(f"invalid p: {p!r}; the SAM ascent needs p >= 1 (p = 2 is the paper's)")
-        if m is not None and (not isinstance(m, int) or m < 1):
-            raise ValueError(f"invalid m: {m!r}; use a positive number of examples per chunk or None")
+        _check_number("rho", rho)
+        _check_number("eta", eta)
+        _check_number("p", p, 1.0, math.inf, hint=" (p = 2 is the paper's; inf allowed)")
+        if m is not None:
+            _check_count("m", m, "examples per chunk, or None")
         super().__init__(params, base, **kwargs)
         self.rho, self.p, self.adaptive, self.eta, self.m = rho, p, adaptive, eta, m
         self.ascent_weight_decay = ascent_weight_decay
@@ -480,10 +490,8 @@ class _SparseSAM(SAM):
 
     def __init__(self, params, base="sgd", *, rho: float = 0.1, sparsity: float = 0.5, refresh: int = 1000,
                  mask_norm: str = "full", **kwargs):
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"invalid sparsity: {sparsity!r}; must be in [0, 1)")
-        if not isinstance(refresh, int) or refresh < 1:
-            raise ValueError(f"invalid refresh: {refresh!r}; use a positive number of steps")
+        _check_number("sparsity", sparsity, 0.0, 1.0, high_open=True, hint=" (the fraction of entries not perturbed)")
+        _check_count("refresh", refresh, "steps between mask updates")
         if mask_norm not in ("full", "masked"):
             raise ValueError(f"invalid mask_norm: {mask_norm!r}; use 'full' (paper code) or 'masked'")
         super().__init__(params, base, rho=rho, **kwargs)
@@ -492,6 +500,12 @@ class _SparseSAM(SAM):
 
     def _new_mask(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor] | None:
         raise NotImplementedError
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():           # torch casts state tensors to the parameter dtype
+            if "mask" in state:
+                state["mask"] = state["mask"].bool()
 
     def masks(self) -> list[Tensor]:
         """The current perturbation masks (bool, shaped like the parameters), in parameter order."""
@@ -524,8 +538,8 @@ class SSAMF(_SparseSAM):
                  fisher_chunk: int = 64, **kwargs):
         if model is None or fisher_data is None:
             raise ValueError("SSAM-F needs model= and fisher_data=(inputs, targets) to compute the Fisher mask")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"invalid num_samples: {num_samples!r}; use a positive number of examples")
+        _check_count("num_samples", num_samples, "examples for the Fisher")
+        _check_count("fisher_chunk", fisher_chunk, "examples per vmap chunk")
         super().__init__(params, base, model=model, **kwargs)
         names = {id(p): name for name, p in model.named_parameters()}
         missing = [i for i, p in enumerate(self._params()) if id(p) not in names]
@@ -552,11 +566,8 @@ class SSAMD(_SparseSAM):
     """
 
     def __init__(self, params, base="sgd", *, drop_rate: float = 0.5, total_steps: int | None = None, **kwargs):
-        if not 0.0 <= drop_rate <= 1.0:
-            raise ValueError(f"invalid drop_rate: {drop_rate!r}; must be in [0, 1]")
-        if not isinstance(total_steps, int) or total_steps < 1:
-            raise ValueError(f"invalid total_steps: {total_steps!r}; SSAM-D's cosine drop schedule needs "
-                             "the number of training steps")
+        _check_number("drop_rate", drop_rate, 0.0, 1.0)
+        _check_count("total_steps", total_steps, "training steps (SSAM-D's cosine drop schedule needs it)")
         super().__init__(params, base, **kwargs)
         self.drop_rate, self.total_steps = drop_rate, total_steps
 
@@ -582,9 +593,9 @@ class RSAM(PerturbedOptimizer):
     """
 
     def __init__(self, params, base="sgd", *, rho: float = 0.05, gamma: float = 0.01, lam: float = 1.0, **kwargs):
-        _check_positive("rho", rho)
-        _check_positive("gamma", gamma)
-        _check_positive("lam", lam)
+        _check_number("rho", rho)
+        _check_number("gamma", gamma)
+        _check_number("lam", lam)
         super().__init__(params, base, **kwargs)
         self.rho, self.gamma, self.lam = rho, gamma, lam
 
@@ -620,19 +631,17 @@ class RWP(PerturbedOptimizer):
     def __init__(self, params, base="sgd", *, sigma: float = 0.01, sigma_schedule: str = "constant",
                  sigma_start: float | None = None, total_steps: int | None = None, adaptive: bool = False,
                  eta: float = 0.1, beta: float = 0.99, lam: float = 1.0, **kwargs):
-        _check_positive("sigma", sigma)
-        _check_positive("eta", eta)
+        _check_number("sigma", sigma)
+        _check_number("eta", eta)
         if sigma_schedule not in ("constant", "cosine"):
             raise ValueError(f"invalid sigma_schedule: {sigma_schedule!r}; use 'constant' or 'cosine'")
-        if sigma_schedule == "cosine" and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"invalid total_steps: {total_steps!r}; the cosine sigma schedule needs the number "
-                             "of training steps (or use sigma_schedule='constant')")
+        if sigma_schedule == "cosine":
+            _check_count("total_steps", total_steps, "training steps (the cosine sigma schedule needs it; "
+                         "or use sigma_schedule='constant')")
         if sigma_start is not None:
-            _check_positive("sigma_start", sigma_start)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"invalid beta: {beta!r}; must be in [0, 1]")
-        if not 0.0 < lam <= 1.0:
-            raise ValueError(f"invalid lam: {lam!r}; must be in (0, 1] (1 = RWP, 0.5 = the m-RWP paper's)")
+            _check_number("sigma_start", sigma_start)
+        _check_number("beta", beta, 0.0, 1.0)
+        _check_number("lam", lam, 0.0, 1.0, low_open=True, hint=" (1 = RWP, 0.5 = the m-RWP paper's)")
         super().__init__(params, base, **kwargs)
         self.sigma, self.sigma_schedule, self.total_steps = sigma, sigma_schedule, total_steps
         self.sigma_start = sigma / 10 if sigma_start is None else sigma_start
@@ -735,11 +744,17 @@ def create(name: str, params, **hparams) -> torch.optim.Optimizer:
         base = options.setdefault("base", "sgd")
         if isinstance(base, str) and _canonical(base) in ("sgd", "adamw"):
             options = {**_REGISTRY[_canonical(base)].defaults, **options}
-    return info.factory(params, **options)
+        return info.factory(params, **options)
+    try:
+        return info.factory(params, **options)
+    except TypeError as error:
+        raise ValueError(f"invalid arguments for {info.name}: {error}") from None
 
 
-_register("sgd", "SGD with momentum (torch.optim.SGD)", torch.optim.SGD, lr=0.05, momentum=0.9, weight_decay=5e-4)
-_register("adamw", "AdamW (torch.optim.AdamW)", torch.optim.AdamW, lr=1e-3, weight_decay=0.01)
+_register("sgd", "SGD with momentum (torch.optim.SGD); also the default base of every method", torch.optim.SGD,
+          lr=0.1, momentum=0.9, weight_decay=5e-4)
+_register("adamw", "AdamW (torch.optim.AdamW); base=adamw for any method", torch.optim.AdamW,
+          lr=3e-3, weight_decay=0.01)
 _register("sam", "SAM, p-norm ascent (Foret et al. 2021); 2 passes", SAM, rho=0.05, p=2.0)
 _register("asam", "ASAM, SAM with T_w = |w| + eta on weights (Kwon et al. 2021); 2 passes", SAM,
           rho=0.5, adaptive=True, eta=0.01)

@@ -1,0 +1,108 @@
+"""``landscape train`` and ``landscape optimizers``: train with any registered optimizer."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from typing import Any
+
+import click
+
+from landscape.cli.common import device_option, out_option, parse_json_object, progress, seed_option
+from landscape.errors import LandscapeError
+
+_ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
+
+
+def parse_opt_args(values: tuple[str, ...]) -> dict[str, Any]:
+    """``("rho=0.1", "p=3 adaptive=true")`` -> ``{"rho": 0.1, "p": 3, "adaptive": True}``.
+
+    Items are separated by spaces or commas; values are Python/JSON literals (numbers,
+    true/false, none) or else plain strings (``base=adamw``).
+    """
+    parsed: dict[str, Any] = {}
+    for item in (part for value in values for part in re.split(r"[\s,]+", value.strip()) if part):
+        match = _ASSIGNMENT.match(item)
+        if match is None:
+            raise click.UsageError(f"--opt-args expects key=value items, e.g. rho=0.1; got {item!r}")
+        key, text = match.groups()
+        literal = {"true": True, "false": False, "none": None, "null": None}.get(text.lower(), text)
+        if literal is text:
+            try:
+                literal = ast.literal_eval(text)
+            except (ValueError, SyntaxError):
+                literal = text
+        parsed[key] = literal
+    return parsed
+
+
+@click.command()
+@click.option("--data", default="digits", show_default=True, metavar="SPEC",
+              help="Dataset spec: digits, cifar10:PATH, cifar100:PATH, npz:PATH or module:function.")
+@click.option("--arch", default="cnn", show_default=True, metavar="NAME|module:function",
+              help="Architecture (see `landscape models`).")
+@click.option("--arch-kwargs", default=None, callback=parse_json_object, metavar="JSON",
+              help="Keyword arguments for --arch, as a JSON object, e.g. '{\"width\": 32}'.")
+@click.option("--optimizer", default="sgd", show_default=True, metavar="NAME",
+              help="Registered optimizer (see `landscape optimizers`).")
+@click.option("--opt-args", multiple=True, metavar="K=V ...",
+              help="Optimizer hyper-parameters, e.g. --opt-args 'rho=0.1 base=adamw' (repeatable).")
+@click.option("--lr", type=float, default=None, help="Learning rate [default: the optimizer's].")
+@click.option("--weight-decay", type=float, default=None, help="Weight decay [default: the optimizer's].")
+@click.option("--momentum", type=float, default=None, help="SGD momentum [default: the optimizer's].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Examples per batch.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Passes of ceil(N/batch) steps.")
+@click.option("--cosine/--no-cosine", default=True, show_default=True, help="Cosine LR decay to 0 over training.")
+@seed_option
+@device_option
+@out_option("model.pt", "Checkpoint to write.")
+def train(data: str, arch: str, arch_kwargs: dict | None, optimizer: str, opt_args: tuple[str, ...],
+          lr: float | None, weight_decay: float | None, momentum: float | None, batch_size: int, epochs: int,
+          cosine: bool, seed: int, device: str, out: str) -> None:
+    """Train a model with any registered optimizer and write a checkpoint.
+
+    Prints the final train and test accuracy. m-RWP/m-ARWP use two batches per step.
+
+    \b
+    Examples:
+      landscape train --data digits --arch cnn --optimizer sgd --epochs 5 --out runs/sgd.pt
+      landscape train --optimizer sam --opt-args 'rho=0.1 base=adamw' --lr 3e-3 --out runs/sam.pt
+    Python: landscape.train_model("digits", "cnn", "sam", epochs=5, opt_args={"rho": 0.1}, out="runs/sam.pt")
+    """
+    from landscape.train import train_model
+
+    result = train_model(data, arch, optimizer, epochs=epochs, batch_size=batch_size, lr=lr,
+                         weight_decay=weight_decay, momentum=momentum, opt_args=parse_opt_args(opt_args),
+                         arch_kwargs=arch_kwargs, cosine=cosine, seed=seed, device=device, out=out,
+                         progress=progress)
+    metrics = result.metrics
+    test = f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "n/a (no test split)"
+    click.echo(f"train accuracy {metrics['train_accuracy']:.4f}  test accuracy {test}  "
+               f"({metrics['steps']} steps, {metrics['seconds']:.1f} s) -> {out}")
+
+
+@click.command()
+@click.argument("pattern", required=False)
+def optimizers(pattern: str | None) -> None:
+    """List the registered optimizers with their default hyper-parameters, optionally filtered by a glob.
+
+    Override any default with --opt-args KEY=VALUE (or --lr/--weight-decay/--momentum).
+    Perturbation methods also take base=sgd|adamw (the base optimizer that applies the update).
+
+    \b
+    Examples:
+      landscape optimizers
+      landscape optimizers '*rwp'
+    Python: landscape.list_optimizers("*rwp")
+    """
+    from landscape.optimizers import list_optimizers
+
+    found = list_optimizers(pattern)
+    if not found:
+        raise LandscapeError(f"no optimizer matches '{pattern}'; run `landscape optimizers` to see all names")
+    width = max(len(info.name) for info in found)
+    for info in found:
+        defaults = ", ".join(f"{key}={json.dumps(value)}" for key, value in info.defaults.items())
+        click.echo(f"{info.name:<{width}}  {info.description}")
+        click.echo(f"{'':<{width}}  defaults: {defaults or 'none'}")
