@@ -56,14 +56,15 @@ arch_options = _compose(
 )
 
 
-def eval_options(default_subset: int | None = None, default_bn: str = "eval") -> Callable[[F], F]:
+def eval_options(default_subset: int | None = None, default_bn: str = "eval", default_batch_size: int = 256,
+                 batch_help: str = "Examples per forward pass (does not change the result).") -> Callable[[F], F]:
     return _compose(
         click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
                      help="Which split the evaluation set comes from."),
         click.option("--subset", default=default_subset, show_default=True, type=click.IntRange(min=1),
                      help="Use a fixed, seeded subset of N examples (recorded in the results)."),
-        click.option("--batch-size", default=256, show_default=True, type=click.IntRange(min=1),
-                     help="Examples per forward pass (does not change the result)."),
+        click.option("--batch-size", default=default_batch_size, show_default=True, type=click.IntRange(min=1),
+                     help=batch_help),
         click.option("--bn", default=default_bn, show_default=True, type=click.Choice(["eval", "train"]),
                      help="BatchNorm: running statistics (eval) or batch statistics (train, buffers untouched)."),
         click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),

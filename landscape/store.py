@@ -136,7 +136,7 @@ def provenance(config: Mapping[str, Any], source: Mapping[str, Any], seed: int |
         "eval_set": source.get("eval_set", {}),
         "seed": -1 if seed is None else int(seed),
         "landscape_version": __version__,
-        "torch_version": torch.__version__,
+        "torch_version": str(torch.__version__),
         "python_version": platform.python_version(),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
