@@ -41,15 +41,9 @@ def parse_bins(text: str) -> list[float]:
     return [float(v) for v in np.linspace(low, high, count + 1)]
 
 
-def _minibatch_options(function: Callable) -> Callable:
-    """The shared evaluation options, with BatchNorm on batch statistics and ``--batch-size`` as the
-    measurement's minibatch (it changes the result here, unlike in the full-set analyses)."""
-    function = eval_options(default_bn="train")(function)
-    for param in function.__click_params__:
-        if param.name == "batch_size":
-            param.default = 128
-            param.help = "Minibatch size; both gradients of every pair use the same minibatch (changes the result)."
-    return function
+_minibatch_options = eval_options(
+    default_bn="train", default_batch_size=128,
+    batch_help="Minibatch size; both gradients of every pair use the same minibatch (changes the result).")
 
 
 def _shared(default_out: str) -> Callable[[Callable], Callable]:
