@@ -1,0 +1,77 @@
+"""``landscape hessian``: top-k eigenvalues, spectral density (SLQ) and trace of a checkpoint's Hessian."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import click
+
+from landscape.cli.common import (arch_options, data_option, device_option, eval_options, objective_from_options,
+                                  out_option, overwrite_options, progress, seed_option)
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False))
+@click.option("--top-k", default=5, show_default=True, type=click.IntRange(min=0), help="Largest eigenvalues.")
+@click.option("--bottom-k", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Most negative eigenvalues.")
+@click.option("--eigenvectors", is_flag=True, default=False, help="Also store the eigenvectors (k x d).")
+@click.option("--density", is_flag=True, default=False, help="Spectral density by stochastic Lanczos quadrature.")
+@click.option("--trace", is_flag=True, default=False, help="Trace by Hutch++ (Hutchinson with the pyhessian backend).")
+@click.option("--params", default=None, metavar="GLOB[,GLOB]",
+              help="Restrict to matching parameters, e.g. 'layers.7.*' (the sub-block of the Hessian).")
+@click.option("--per-block", is_flag=True, default=False, help="Also the top-k eigenvalues of every top-level block.")
+@click.option("--n-v", default=4, show_default=True, type=click.IntRange(min=1), help="SLQ random starts.")
+@click.option("--lanczos-steps", default=90, show_default=True, type=click.IntRange(min=2),
+              help="Lanczos steps per SLQ start.")
+@click.option("--tol", default=None, type=click.FloatRange(0, 1, min_open=True, max_open=True),
+              help="Relative residual tolerance ||Hv - λv|| <= tol |λ|  [default: 1e-4; pyhessian: its 1e-3]")
+@click.option("--trace-hvps", default=99, show_default=True, type=click.IntRange(min=6), help="HVPs for the trace.")
+@click.option("--max-hvps", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="HVP cap per eigenvalue run (unconverged pairs are flagged).")
+@click.option("--backend", default="landscape", show_default=True, type=click.Choice(["landscape", "pyhessian"]),
+              help="pyhessian: eigenvalues and trace by PyHessian 0.1 (for comparison with papers).")
+@data_option
+@eval_options()
+@arch_options
+@device_option
+@seed_option
+@out_option("results.h5")
+@overwrite_options
+def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, density: bool, trace: bool,
+            params: str | None, per_block: bool, n_v: int, lanczos_steps: int, tol: float | None, trace_hvps: int,
+            max_hvps: int, backend: str, out: str, overwrite: bool, resume: bool, seed: int, **options) -> None:
+    """Hessian spectrum of CHECKPOINT's loss on its evaluation set: λ1…λk with residuals,
+    λ1/λ5, SLQ density, trace ± standard error. Saved as /hessian in --out.
+
+    \b
+    Examples:
+      landscape hessian runs/sam.pt --density --trace --out runs/sam.h5
+      landscape hessian runs/sgd.pt --top-k 10 --bottom-k 2 --dtype float64 --subset 512
+      landscape hessian runs/sgd.pt --per-block --top-k 1
+      landscape hessian runs/sgd.pt --backend pyhessian --trace
+    Python: landscape.hessian_spectrum(landscape.load_objective("runs/sam.pt", subset=512),
+            top_k=5, density=True, trace=True).save("runs/sam.h5")
+    """
+    from landscape.analysis.hessian import HessianResult, hessian_spectrum
+    from landscape.errors import LandscapeError
+    from landscape.store import list_groups
+
+    if Path(out).exists() and HessianResult.group in list_groups(out) and not overwrite:
+        if not resume:
+            raise LandscapeError(f"{out} already holds /hessian; pass --overwrite to replace it or choose another --out")
+        click.echo(HessianResult.load(out).table())
+        return
+    objective = objective_from_options(checkpoint, seed=seed, **options)
+    with progress(None, "Hessian", "HVP") as bar, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        result = hessian_spectrum(objective, top_k, bottom_k=bottom_k, eigenvectors=eigenvectors, density=density,
+                                  trace=trace, n_v=n_v, lanczos_steps=lanczos_steps, tol=tol, params=params,
+                                  per_block=per_block, backend=backend, seed=seed, progress=bar.update,
+                                  trace_hvps=trace_hvps, max_hvps=max_hvps)
+    result.save(out, overwrite=overwrite)
+    click.echo(result.table())
+    for warning in caught:
+        click.echo(f"warning: {warning.message}", err=True)
+    click.echo(f"saved /hessian in {out}")

@@ -1,0 +1,69 @@
+"""Hessian spectrum figure: the SLQ density on a log scale with the top eigenvalues marked.
+
+Drawn in the manner of the spectrum figures of the SAM, SSAM and RWP papers (after Ghorbani et
+al. 2019). ``COMPARE`` overlays several results (e.g. SGD vs SAM) on one set of axes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+Entry = tuple[str, Mapping[str, Any], Mapping[str, Any]]   # (label, arrays, attrs)
+FLOOR = 1e-10   # lowest density drawn, relative to the peak (the Gaussian tails go to ~1e-14)
+
+
+def _summary(attrs: Mapping[str, Any]) -> str:
+    parts = []
+    if not np.isnan(attrs.get("lambda1", np.nan)):
+        parts.append(f"λ1={attrs['lambda1']:.4g}")
+    if not np.isnan(attrs.get("lambda1_over_lambda5", np.nan)):
+        parts.append(f"λ1/λ5={attrs['lambda1_over_lambda5']:.3g}")
+    if attrs.get("trace_method"):
+        parts.append(f"tr={attrs['trace']:.4g}±{attrs['trace_stderr']:.2g}")
+    return ", ".join(parts)
+
+
+def compare_hessian(entries: Sequence[Entry], **_: Any):
+    """Density (log y) per result, top eigenvalues as dashed lines, most negative ones dotted."""
+    figure, ax = plt.subplots(figsize=(6.4, 4.2))
+    colors = plt.get_cmap("tab10").colors
+    lowest, highest = np.inf, 0.0
+    for index, (label, arrays, attrs) in enumerate(entries):
+        color = colors[index % len(colors)]
+        name = ", ".join(part for part in (label, _summary(attrs)) if part)
+        if "density" in arrays:
+            density = np.asarray(arrays["density"])
+            floor = density.max() * FLOOR
+            ax.plot(arrays["density_grid"], np.maximum(density, floor), color=color, lw=1.3, label=name)
+            lowest, highest = min(lowest, floor), max(highest, density.max())
+            name = None
+        for key, style in (("eigenvalues", "--"), ("bottom_eigenvalues", ":")):
+            for value in np.asarray(arrays.get(key, [])):
+                ax.axvline(value, color=color, ls=style, lw=0.9, alpha=0.8, label=name)
+                name = None
+    if highest > 0:
+        ax.set_yscale("log")
+        ax.set_ylim(lowest, highest * 3)
+        ax.set_ylabel("density (log scale)")
+    else:
+        ax.set_yticks([])
+    config = entries[0][2].get("config", {})
+    what = f"parameters {config['params']}" if config.get("params") else "all parameters"
+    ax.set(xlabel="eigenvalue", title=f"Hessian spectrum ({what}; dashed: top eigenvalues)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def draw_hessian(arrays: Mapping[str, Any], attrs: Mapping[str, Any], **options: Any):
+    """One result: its density with its top (and most negative) eigenvalues marked."""
+    return compare_hessian([("", arrays, attrs)], **options)
+
+
+FIGURES = {"hessian": draw_hessian}
+COMPARE = {"hessian": compare_hessian}
