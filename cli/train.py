@@ -52,7 +52,8 @@ def parse_opt_args(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--weight-decay", type=float, default=None, help="Weight decay [default: the optimizer's].")
 @click.option("--momentum", type=float, default=None, help="SGD momentum [default: the optimizer's].")
 @click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Examples per batch.")
-@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True, help="Passes of ceil(N/batch) steps.")
+@click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Epochs of ceil(N / batch-size) steps.")
 @click.option("--cosine/--no-cosine", default=True, show_default=True, help="Cosine LR decay to 0 over training.")
 @seed_option
 @device_option

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import functools
 import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -51,13 +52,64 @@ def _check_count(name: str, value: int, what: str) -> None:
 
 
 def asam_scale(weights: Sequence[Tensor], eta: float = 0.01) -> list[Tensor]:
-    """ASAM's element-wise T_w = |w| + eta for weight tensors (ndim >= 2); 1 for biases and norms.
+    """ASAM's element-wise T_w = |w| + eta for weight tensors (ndim >= 2); ones for biases and norms.
 
     Optimizer parameter lists carry no names, so "weight" means a tensor with ndim >= 2
     (conv/linear kernels). The ASAM reference code also scales BatchNorm weights; here
     biases and BatchNorm affine parameters (ndim < 2) are not rescaled.
     """
-    return [w.abs() + eta if is_filtered(w) else torch.ones_like(w) for w in weights]
+    scale = torch._foreach_abs(list(weights))
+    kernels = [t for t in scale if is_filtered(t)]
+    others = [t for t in scale if not is_filtered(t)]
+    if kernels:
+        torch._foreach_add_(kernels, eta)
+    if others:
+        torch._foreach_zero_(others)
+        torch._foreach_add_(others, 1.0)
+    return scale
+
+
+# Batched filter-wise arithmetic: every filter of every tensor laid end to end in one flat
+# vector, so a step costs a few kernels instead of several per tensor. The filters are exactly
+# those of landscape.params.filter_norms (tested equal); ``_filter_squares`` is its batched form.
+
+@functools.lru_cache(maxsize=64)
+def _layout(shapes: tuple[torch.Size, ...], device: torch.device) -> tuple[Tensor, tuple[int, ...]]:
+    """(entries per filter, as a tensor on ``device``; filters per tensor) for tensors of ``shapes``."""
+    lengths, counts = [], []
+    for shape in shapes:
+        rows = shape[0] if len(shape) >= 2 else 1
+        lengths += [math.prod(shape) // max(rows, 1)] * rows
+        counts.append(rows)
+    return torch.tensor(lengths, dtype=torch.int64, device=device), tuple(counts)
+
+
+def _flat(tensors: Sequence[Tensor]) -> Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _filter_squares(tensors: Sequence[Tensor]) -> Tensor:
+    """Sum of squares of each filter of each tensor, one flat vector (= filter_norms(t)**2, concatenated)."""
+    lengths, _ = _layout(tuple(t.shape for t in tensors), tensors[0].device)
+    flat = _flat(tensors)
+    return torch.segment_reduce(flat * flat, "sum", lengths=lengths, unsafe=True)
+
+
+def _per_filter(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """Split a flat per-filter vector into tensors shaped like ``filter_norms`` of each of ``like``."""
+    _, counts = _layout(tuple(t.shape for t in like), like[0].device)
+    return [v.view(-1, *([1] * (t.ndim - 1))) if is_filtered(t) else v.view(())
+            for v, t in zip(values.split(counts), like)]
+
+
+def _per_entry(values: Tensor, like: Sequence[Tensor]) -> Tensor:
+    """Repeat each filter's value over its entries: a flat vector as long as all of ``like``."""
+    lengths, _ = _layout(tuple(t.shape for t in like), like[0].device)
+    return values.repeat_interleave(lengths, output_size=sum(t.numel() for t in like))
+
+
+def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    return [z.view_as(t) for z, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 def _dual_direction(grads: list[Tensor], p: float) -> list[Tensor]:
@@ -102,22 +154,34 @@ def sam_perturbation(grads: Sequence[Tensor], rho: float, p: float = 2.0,
     return torch._foreach_mul(torch._foreach_mul(direction, scale), rho)
 
 
-def _standard_normal(weights: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
-    """One N(0, 1) draw per tensor, in order, with each tensor's shape and dtype, from ``generator``."""
-    return [torch.randn(w.shape, generator=generator, device=generator.device, dtype=w.dtype).to(w.device)
-            for w in weights]
+def _flat_normal(weights: Sequence[Tensor], generator: torch.Generator) -> Tensor:
+    flat = torch.randn(sum(w.numel() for w in weights), generator=generator, device=generator.device,
+                       dtype=weights[0].dtype)
+    return flat.to(weights[0].device)
+
+
+def standard_normal(weights: Sequence[Tensor], generator: torch.Generator) -> list[Tensor]:
+    """N(0, 1) noise shaped like ``weights``: ONE flat ``randn`` of all their entries (tensors
+    concatenated in order, dtype of the first) from ``generator``, split back into their shapes.
+
+    Every tensor gets its own independent entries; the single draw keeps the step cheap. All
+    noise of this module is drawn this way.
+    """
+    weights = list(weights)
+    return _unflatten(_flat_normal(weights, generator), weights)
 
 
 def rsam_noise(weights: Sequence[Tensor], gamma: float, generator: torch.Generator) -> list[Tensor]:
     """R-SAM's kernel-wise start delta0 ~ N(0, gamma^2 diag(||w_j||)) (Liu et al., as in PAPERS.md).
 
     The variance of filter j is gamma^2 * ||w_j|| (std gamma * sqrt(||w_j||)), literally as the
-    method sheet writes it. Each tensor gets its own draw from ``generator`` (in order), unlike
-    the official JAX code, which reuses one key for every tensor.
+    method sheet writes it. Noise comes from :func:`standard_normal`: every tensor gets its own
+    entries, unlike the official JAX code, which reuses one key for every tensor.
     """
     _check_number("gamma", gamma)
-    noise = _standard_normal(weights, generator)
-    return [z * (gamma * filter_norms(w).sqrt()) for z, w in zip(noise, weights)]
+    weights = list(weights)
+    std = _filter_squares(weights).pow_(0.25).mul_(gamma)                # gamma * ||w_j||^(1/2)
+    return _unflatten(_flat_normal(weights, generator).mul_(_per_entry(std, weights)), weights)
 
 
 def rsam_perturbation(delta0: Sequence[Tensor], grads: Sequence[Tensor], rho: float,
@@ -138,23 +202,25 @@ def filterwise_noise(weights: Sequence[Tensor], sigma: float, generator: torch.G
 
     Without ``history`` this is RWP's N(0, sigma^2 ||w_j||^2) (std sigma ||w_j||). With the ARWP
     history F (shaped like :func:`landscape.params.filter_norms`, see :func:`arwp_history_update`)
-    the variance is divided by sqrt(1 + eta F_j), i.e. the std by (1 + eta F_j)^{1/4}. One draw
-    per tensor from ``generator``, in order.
+    the variance is divided by sqrt(1 + eta F_j), i.e. the std by (1 + eta F_j)^{1/4}. Noise
+    comes from :func:`standard_normal`.
     """
     _check_number("sigma", sigma)
     _check_number("eta", eta)
-    noise = _standard_normal(weights, generator)
-    scales = [filter_norms(w) * sigma for w in weights]
+    weights = list(weights)
+    std = _filter_squares(weights).sqrt_().mul_(sigma)
     if history is not None:
-        damp = torch._foreach_pow(torch._foreach_add(torch._foreach_mul(list(history), eta), 1.0), -0.25)
-        scales = torch._foreach_mul(scales, damp)
-    return torch._foreach_mul(noise, scales)
+        std.mul_(_flat(history).mul(eta).add_(1.0).pow_(-0.25))
+    return _unflatten(_flat_normal(weights, generator).mul_(_per_entry(std, weights)), weights)
 
 
 def arwp_history_update(history: Sequence[Tensor], grads: Sequence[Tensor], beta: float = 0.99) -> list[Tensor]:
-    """ARWP's filter-wise history F <- beta F + ||g_j||^2 (an exponential moving *sum*: no (1 - beta))."""
-    return torch._foreach_add(torch._foreach_mul(list(history), beta),
-                              [filter_norms(g).square() for g in grads])
+    """ARWP's filter-wise history F <- beta F + ||g_j||^2 (an exponential moving *sum*: no (1 - beta)).
+
+    ``history`` and the result are shaped like :func:`landscape.params.filter_norms` of ``grads``.
+    """
+    grads = list(grads)
+    return _per_filter(_flat(history).mul(beta).add_(_filter_squares(grads)), grads)
 
 
 def fisher_mask(fisher: Sequence[Tensor], sparsity: float) -> list[Tensor]:
@@ -501,24 +567,18 @@ class _SparseSAM(SAM):
     def _new_mask(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor] | None:
         raise NotImplementedError
 
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        for state in self.state.values():           # torch casts state tensors to the parameter dtype
-            if "mask" in state:
-                state["mask"] = state["mask"].bool()
-
     def masks(self) -> list[Tensor]:
         """The current perturbation masks (bool, shaped like the parameters), in parameter order."""
-        return [self.state[p]["mask"] for p in self._params()]
+        return [self.state[p]["mask"].bool() for p in self._params()]
 
     def _ascent(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         if self.steps % self.refresh == 0 and self._refreshed_at != self.steps:
             mask = self._new_mask(params, grads)
             if mask is not None:
                 for p, m in zip(params, mask):
-                    self.state[p]["mask"] = m
+                    self.state[p]["mask"] = m.to(p.dtype)       # 0/1 in the parameter dtype: fast foreach
             self._refreshed_at = self.steps
-        mask = self.masks()
+        mask = [self.state[p]["mask"] for p in params]
         if self.mask_norm == "masked":
             return super()._ascent(params, torch._foreach_mul(grads, mask))
         return torch._foreach_mul(super()._ascent(params, grads), mask)
@@ -535,7 +595,7 @@ class SSAMF(_SparseSAM):
 
     def __init__(self, params, base="sgd", *, model: nn.Module | None = None,
                  fisher_data: tuple[Tensor, Tensor] | None = None, num_samples: int = 1024,
-                 fisher_chunk: int = 64, **kwargs):
+                 fisher_chunk: int = 128, **kwargs):
         if model is None or fisher_data is None:
             raise ValueError("SSAM-F needs model= and fisher_data=(inputs, targets) to compute the Fisher mask")
         _check_count("num_samples", num_samples, "examples for the Fisher")

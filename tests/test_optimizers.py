@@ -2,7 +2,7 @@
 
 The references use torch.func.grad on a functional loss, plain loops for filter norms and
 per-sample Fisher, and a hand-written SGD-with-momentum update; the noise is reproduced by
-replaying the documented generator draws (one ``randn`` per tensor, in parameter order).
+replaying the documented generator draw (one flat ``randn`` over all parameters, in order).
 """
 
 from __future__ import annotations
@@ -59,6 +59,12 @@ def row_norms(t: torch.Tensor) -> torch.Tensor:
     if t.ndim < 2:
         return t.norm()
     return torch.stack([row.norm() for row in t]).view(-1, *([1] * (t.ndim - 1)))
+
+
+def replay_noise(shapes: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """The documented draw: one flat randn over all entries, split into the tensors in order."""
+    flat = torch.randn(sum(v.numel() for v in shapes.values()), generator=generator, dtype=F64)
+    return {n: z.view_as(v) for (n, v), z in zip(shapes.items(), flat.split([v.numel() for v in shapes.values()]))}
 
 
 def global_norm(d: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -132,7 +138,8 @@ def test_sam_perturbation_is_the_dual_norm_maximiser(p):
 def test_sam_perturbation_p1_puts_rho_on_the_largest_entry_and_zero_gradient_gives_zero():
     grads = [torch.tensor([0.5, -3.0, 1.0], dtype=F64), torch.tensor([[2.0]], dtype=F64)]
     eps = O.sam_perturbation(grads, rho=0.2, p=1.0)
-    assert torch.equal(eps[0], torch.tensor([0.0, -0.2, 0.0], dtype=F64)) and torch.equal(eps[1], torch.zeros(1, 1, dtype=F64))
+    assert torch.equal(eps[0], torch.tensor([0.0, -0.2, 0.0], dtype=F64))
+    assert torch.equal(eps[1], torch.zeros(1, 1, dtype=F64))
     zeros = O.sam_perturbation([torch.zeros(3, dtype=F64)], rho=0.2)
     assert torch.equal(zeros[0], torch.zeros(3, dtype=F64))
 
@@ -141,10 +148,9 @@ def test_rsam_noise_differs_per_tensor_and_matches_the_kernelwise_formula():
     w = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(0), dtype=F64)
     noise = O.rsam_noise([w, w.clone()], gamma=0.2, generator=torch.Generator().manual_seed(3))
     assert not torch.equal(noise[0], noise[1])                      # never one shared key
-    replay = torch.Generator().manual_seed(3)
-    for n in noise:
-        z = torch.randn(w.shape, generator=replay, dtype=F64)
-        assert torch.allclose(n, 0.2 * row_norms(w).sqrt() * z)     # variance gamma^2 ||w_j||
+    z = replay_noise({"a": w, "b": w}, torch.Generator().manual_seed(3))
+    for n, key in zip(noise, "ab"):
+        assert torch.allclose(n, 0.2 * row_norms(w).sqrt() * z[key])     # variance gamma^2 ||w_j||
 
 
 def test_filterwise_noise_with_history_matches_formula():
@@ -152,11 +158,21 @@ def test_filterwise_noise_with_history_matches_formula():
     ws = [torch.randn(5, 3, generator=generator, dtype=F64), torch.randn(5, generator=generator, dtype=F64)]
     history = [torch.rand(5, 1, generator=generator, dtype=F64), torch.rand((), generator=generator, dtype=F64)]
     noise = O.filterwise_noise(ws, 0.05, torch.Generator().manual_seed(1), history, eta=0.3)
-    replay = torch.Generator().manual_seed(1)
-    for n, w, h in zip(noise, ws, history):
-        z = torch.randn(w.shape, generator=replay, dtype=F64)
+    z = replay_noise({"a": ws[0], "b": ws[1]}, torch.Generator().manual_seed(1))
+    for n, w, h, key in zip(noise, ws, history, "ab"):
         variance = 0.05 ** 2 * row_norms(w) ** 2 / torch.sqrt(1 + 0.3 * h)
-        assert torch.allclose(n, variance.sqrt() * z)
+        assert torch.allclose(n, variance.sqrt() * z[key])
+
+
+def test_batched_filter_squares_equal_params_filter_norms():
+    from landscape.params import filter_norms
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(shape, generator=generator, dtype=F64) for shape in [(4, 3, 2, 2), (5,), (), (3, 7)]]
+    tensors.append(torch.randn(6, 2, 3, 3, generator=generator, dtype=F64).to(memory_format=torch.channels_last))
+    expected = torch.cat([filter_norms(t).square().reshape(-1) for t in tensors])
+    assert torch.allclose(O._filter_squares(tensors), expected, rtol=1e-12)
+    for part, t in zip(O._per_filter(expected, tensors), tensors):
+        assert part.shape == filter_norms(t).shape
 
 
 def test_fisher_mask_and_dynamic_update_match_brute_force():
@@ -217,8 +233,8 @@ def test_rsam_steps_match_reference():
     loss, (x, y), replay = functional_loss(tiny_net()), batch(1), torch.Generator().manual_seed(SEED)
 
     def direction(w, step):
-        delta0 = {n: 0.02 * row_norms(v).sqrt() * torch.randn(v.shape, generator=replay, dtype=F64)
-                  for n, v in w.items()}
+        z = replay_noise(w, replay)
+        delta0 = {n: 0.02 * row_norms(v).sqrt() * z[n] for n, v in w.items()}
         v = add(delta0, grad(loss)(add(w, delta0), x, y), 0.5)
         return grad(loss)(add(w, v, 0.05 / global_norm(v)), x, y)
     run_against_reference("rsam", direction, steps=3, gamma=0.02, lam=0.5)
@@ -232,8 +248,8 @@ def test_rwp_and_arwp_steps_match_reference(adaptive):
 
     def direction(w, step):
         sigma_t = start + (sigma - start) * (1 - math.cos(math.pi * step / total)) / 2
-        eps = {n: sigma_t * row_norms(v) / (1 + 0.3 * history[n]) ** 0.25
-               * torch.randn(v.shape, generator=replay, dtype=F64) for n, v in w.items()}
+        z = replay_noise(w, replay)
+        eps = {n: sigma_t * row_norms(v) / (1 + 0.3 * history[n]) ** 0.25 * z[n] for n, v in w.items()}
         g = grad(loss)(add(w, eps), x, y)
         if adaptive:
             for n, v in g.items():
@@ -265,9 +281,8 @@ def test_mrwp_with_two_batches_matches_reference(name):
     reference, w = ReferenceSGD(), weights(model)
     for step in range(3):
         opt.step(closure)
-        eps = {n: 0.05 * row_norms(v) / (1 + 0.1 * history[n]) ** 0.25 * torch.randn(v.shape, generator=replay,
-                                                                                    dtype=F64)
-               for n, v in w.items()}
+        z = replay_noise(w, replay)
+        eps = {n: 0.05 * row_norms(v) / (1 + 0.1 * history[n]) ** 0.25 * z[n] for n, v in w.items()}
         g1, g2 = grad(loss)(add(w, eps), x1, y1), grad(loss)(w, x2, y2)
         if name == "marwp":
             for n, v in g1.items():
