@@ -1,12 +1,24 @@
 """Sharpness-aware optimizers and the pure perturbation rules they use.
 
-The rules (``sam_perturbation``, ``rsam_noise``, ``rsam_perturbation``, ``filterwise_noise``,
-``fisher_mask``, ``dynamic_mask_update``) are pure functions on sequences of tensors; the
-analyses reuse them so a diagnostic measures exactly what an optimizer does. Formulas follow
-``shared/PAPERS.md``. A *filter* is a slice along dim 0 of a tensor with ndim >= 2; a tensor
-with fewer dimensions is one filter (see :func:`landscape.params.filter_norms`).
-"""
+The rules (``sam_perturbation``, ``asam_scale``, ``rsam_noise``, ``rsam_perturbation``,
+``filterwise_noise``, ``arwp_history_update``, ``fisher_mask``, ``dynamic_mask_update``,
+``empirical_fisher``) are pure functions on sequences of tensors; the analyses reuse them so a
+diagnostic measures exactly what an optimizer does. Formulas follow ``shared/PAPERS.md``. A
+*filter* is a slice along dim 0 of a tensor with ndim >= 2; a tensor with fewer dimensions is
+one filter (as :func:`landscape.params.filter_norms`).
 
+Optimizers (``create(name, params, **hparams)``; closure calls per ``step``):
+sam/asam 2 (2 per chunk with m-sharpness), rsam 2, rwp/arwp 1, mrwp/marwp 2, ssamf/ssamd 2
+(SSAM-F also computes a Fisher every ``refresh`` steps without calling the closure).
+Choices where the sources leave room, stated once:
+- ASAM rescales only tensors with ndim >= 2 (no names in optimizer parameter lists).
+- R-SAM's delta0 has variance gamma^2 ||w_j|| per filter, literally as the method sheet writes it.
+- ARWP's history is F <- beta F + ||g_j||^2 (no (1 - beta)) of the perturbed gradient, and divides
+  the noise *variance* by sqrt(1 + eta F_j) as the paper writes (its code divides the std).
+- SSAM's eps defaults to the reference code's rho g / ||g|| * mask (radius < rho); ``mask_norm``.
+- Weight decay is excluded from SAM's ascent gradient unless ``ascent_weight_decay=True``.
+- All noise comes from one flat ``randn`` per step (:func:`standard_normal`).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -342,11 +354,19 @@ def _base_class(base: str | type[torch.optim.Optimizer]) -> type[torch.optim.Opt
 
 
 def _takes_pass(closure: Closure) -> bool:
+    """Whether ``closure`` accepts a positional argument (plain functions: cached by code object)."""
+    if inspect.isfunction(closure):
+        return _code_takes_argument(closure.__code__)
     try:
         parameters = inspect.signature(closure).parameters.values()
     except (TypeError, ValueError):
         return False
     return any(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in parameters)
+
+
+@functools.lru_cache(maxsize=256)
+def _code_takes_argument(code) -> bool:
+    return code.co_argcount > 0 or bool(code.co_flags & inspect.CO_VARARGS)
 
 
 class PerturbedOptimizer(torch.optim.Optimizer):
