@@ -35,7 +35,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from landscape.objective import batchnorm_mode
-from landscape.params import filter_norms, global_norm, is_filtered
+from landscape.params import (filter_norms, filter_square_sums, flat_cat, global_norm, is_filtered, per_entry,
+                              per_filter, split_like)
 
 _TINY = 1e-12
 
@@ -79,49 +80,6 @@ def asam_scale(weights: Sequence[Tensor], eta: float = 0.01) -> list[Tensor]:
         torch._foreach_zero_(others)
         torch._foreach_add_(others, 1.0)
     return scale
-
-
-# Batched filter-wise arithmetic: every filter of every tensor laid end to end in one flat
-# vector, so a step costs a few kernels instead of several per tensor. The filters are exactly
-# those of landscape.params.filter_norms (tested equal); ``_filter_squares`` is its batched form.
-
-@functools.lru_cache(maxsize=64)
-def _layout(shapes: tuple[torch.Size, ...], device: torch.device) -> tuple[Tensor, tuple[int, ...]]:
-    """(entries per filter, as a tensor on ``device``; filters per tensor) for tensors of ``shapes``."""
-    lengths, counts = [], []
-    for shape in shapes:
-        rows = shape[0] if len(shape) >= 2 else 1
-        lengths += [math.prod(shape) // max(rows, 1)] * rows
-        counts.append(rows)
-    return torch.tensor(lengths, dtype=torch.int64, device=device), tuple(counts)
-
-
-def _flat(tensors: Sequence[Tensor]) -> Tensor:
-    return torch.cat([t.reshape(-1) for t in tensors])
-
-
-def _filter_squares(tensors: Sequence[Tensor]) -> Tensor:
-    """Sum of squares of each filter of each tensor, one flat vector (= filter_norms(t)**2, concatenated)."""
-    lengths, _ = _layout(tuple(t.shape for t in tensors), tensors[0].device)
-    flat = _flat(tensors)
-    return torch.segment_reduce(flat * flat, "sum", lengths=lengths, unsafe=True)
-
-
-def _per_filter(values: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    """Split a flat per-filter vector into tensors shaped like ``filter_norms`` of each of ``like``."""
-    _, counts = _layout(tuple(t.shape for t in like), like[0].device)
-    return [v.view(-1, *([1] * (t.ndim - 1))) if is_filtered(t) else v.view(())
-            for v, t in zip(values.split(counts), like)]
-
-
-def _per_entry(values: Tensor, like: Sequence[Tensor]) -> Tensor:
-    """Repeat each filter's value over its entries: a flat vector as long as all of ``like``."""
-    lengths, _ = _layout(tuple(t.shape for t in like), like[0].device)
-    return values.repeat_interleave(lengths, output_size=sum(t.numel() for t in like))
-
-
-def _unflatten(flat: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
-    return [z.view_as(t) for z, t in zip(flat.split([t.numel() for t in like]), like)]
 
 
 def _dual_direction(grads: list[Tensor], p: float) -> list[Tensor]:
@@ -180,7 +138,7 @@ def standard_normal(weights: Sequence[Tensor], generator: torch.Generator) -> li
     noise of this module is drawn this way.
     """
     weights = list(weights)
-    return _unflatten(_flat_normal(weights, generator), weights)
+    return split_like(_flat_normal(weights, generator), weights)
 
 
 def rsam_noise(weights: Sequence[Tensor], gamma: float, generator: torch.Generator) -> list[Tensor]:
@@ -192,8 +150,8 @@ def rsam_noise(weights: Sequence[Tensor], gamma: float, generator: torch.Generat
     """
     _check_number("gamma", gamma)
     weights = list(weights)
-    std = _filter_squares(weights).pow_(0.25).mul_(gamma)                # gamma * ||w_j||^(1/2)
-    return _unflatten(_flat_normal(weights, generator).mul_(_per_entry(std, weights)), weights)
+    std = filter_square_sums(weights).pow_(0.25).mul_(gamma)                # gamma * ||w_j||^(1/2)
+    return split_like(_flat_normal(weights, generator).mul_(per_entry(std, weights)), weights)
 
 
 def rsam_perturbation(delta0: Sequence[Tensor], grads: Sequence[Tensor], rho: float,
@@ -220,10 +178,10 @@ def filterwise_noise(weights: Sequence[Tensor], sigma: float, generator: torch.G
     _check_number("sigma", sigma)
     _check_number("eta", eta)
     weights = list(weights)
-    std = _filter_squares(weights).sqrt_().mul_(sigma)
+    std = filter_square_sums(weights).sqrt_().mul_(sigma)
     if history is not None:
-        std.mul_(_flat(history).mul(eta).add_(1.0).pow_(-0.25))
-    return _unflatten(_flat_normal(weights, generator).mul_(_per_entry(std, weights)), weights)
+        std.mul_(flat_cat(history).mul(eta).add_(1.0).pow_(-0.25))
+    return split_like(_flat_normal(weights, generator).mul_(per_entry(std, weights)), weights)
 
 
 def arwp_history_update(history: Sequence[Tensor], grads: Sequence[Tensor], beta: float = 0.99) -> list[Tensor]:
@@ -232,7 +190,7 @@ def arwp_history_update(history: Sequence[Tensor], grads: Sequence[Tensor], beta
     ``history`` and the result are shaped like :func:`landscape.params.filter_norms` of ``grads``.
     """
     grads = list(grads)
-    return _per_filter(_flat(history).mul(beta).add_(_filter_squares(grads)), grads)
+    return per_filter(flat_cat(history).mul(beta).add_(filter_square_sums(grads)), grads)
 
 
 def fisher_mask(fisher: Sequence[Tensor], sparsity: float) -> list[Tensor]:

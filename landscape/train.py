@@ -109,7 +109,7 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     """
     if epochs < 1 or batch_size < 1:
         raise LandscapeError(f"epochs={epochs} and batch_size={batch_size} must both be >= 1")
-    dataset = load_dataset(data, seed=seed) if isinstance(data, str) else data
+    dataset = load_dataset(data) if isinstance(data, str) else data  # the split is fixed: analyses see the same one
     target = resolve_device(device)
     arch_kwargs = dict(arch_kwargs or {})
     torch.manual_seed(seed)

@@ -164,14 +164,14 @@ def test_filterwise_noise_with_history_matches_formula():
         assert torch.allclose(n, variance.sqrt() * z[key])
 
 
-def test_batched_filter_squares_equal_params_filter_norms():
-    from landscape.params import filter_norms
+def test_batched_filter_square_sums_equal_filter_norms():
+    from landscape.params import filter_norms, filter_square_sums, per_filter
     generator = torch.Generator().manual_seed(0)
     tensors = [torch.randn(shape, generator=generator, dtype=F64) for shape in [(4, 3, 2, 2), (5,), (), (3, 7)]]
     tensors.append(torch.randn(6, 2, 3, 3, generator=generator, dtype=F64).to(memory_format=torch.channels_last))
     expected = torch.cat([filter_norms(t).square().reshape(-1) for t in tensors])
-    assert torch.allclose(O._filter_squares(tensors), expected, rtol=1e-12)
-    for part, t in zip(O._per_filter(expected, tensors), tensors):
+    assert torch.allclose(filter_square_sums(tensors), expected, rtol=1e-12)
+    for part, t in zip(per_filter(expected, tensors), tensors):
         assert part.shape == filter_norms(t).shape
 
 
