@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from landscape.analysis.surface import PointEvaluator, interpolate, loss_surface, surface_directions
+from landscape.analysis.surface import PointEvaluator, _slabs, interpolate, loss_surface, surface_directions
 from landscape.checkpoint import save_checkpoint
 from landscape.cli.main import cli
 from landscape.data import eval_subset
@@ -86,14 +86,20 @@ def test_filter_normalised_directions_have_the_weights_filter_norms():
     assert abs(dot) < 1e-10 * sum(float(x[n].norm() * y[n].norm()) for n in params)
 
 
-@pytest.mark.parametrize("name,linear_first_layer", [("mlp", False), ("mlp", True), ("cnn", False), ("cnn", True)])
-def test_surface_equals_hand_built_perturbed_models_on_a_non_square_grid(data, name, linear_first_layer):
+PLAIN = {"fold_batchnorm": False, "channels_last": False, "linear_first_layer": False}
+FAST = dict.fromkeys(PLAIN, True)
+
+
+@pytest.mark.parametrize("name,options", [("mlp", PLAIN), ("mlp", FAST), ("cnn", PLAIN), ("cnn", FAST)])
+def test_surface_equals_hand_built_perturbed_models_on_a_non_square_grid(data, name, options):
     x, y = data
     model = make_model(name)
     objective = Objective(model, x, y, dtype=torch.float64, batch_size=64)
     xs, ys = np.linspace(-0.6, 1.0, 5), np.array([-0.25, 0.0, 0.5])
-    result = loss_surface(objective, xs, ys, seed=3, linear_first_layer=linear_first_layer)
-    assert result.attrs["linear_first_layer_used"] == linear_first_layer
+    result = loss_surface(objective, xs, ys, seed=3, evaluator_options=options)
+    used = result.attrs["speedups"]
+    assert used["linear_first_layer"] == options["linear_first_layer"]
+    assert (used["fold_batchnorm"] == 3, used["channels_last"]) == ((name == "cnn" and options is FAST),) * 2
     assert result["train_loss"].shape == (5, 3) and result["train_acc"].shape == (5, 3) and result["done"].all()
     d1, d2 = surface_directions(objective.params, seed=3)
     expected = np.array([[plain_metrics(perturbed(model, {n: a * d1[n] + b * d2[n] for n in d1}), x, y)
@@ -104,6 +110,24 @@ def test_surface_equals_hand_built_perturbed_models_on_a_non_square_grid(data, n
     for name_, tensor in d1.items():
         assert_close(stored[0][name_], tensor.float(), 1e-6, f"stored xdirection {name_}")
         assert_close(stored[1][name_], d2[name_].float(), 1e-6, f"stored ydirection {name_}")
+
+
+def test_automatic_speedups_agree_with_the_plain_path_in_float32(data):
+    x, y = data
+    objective = Objective(make_model("cnn"), x.float(), y, batch_size=64)
+    fast = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4)
+    plain = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4, evaluator_options=PLAIN)
+    assert fast.attrs["speedups"] == {"fold_batchnorm": 3, "channels_last": True, "linear_first_layer": True}
+    assert_close(fast["train_loss"], plain["train_loss"], 1e-5, "float32 loss with and without speed-ups")
+
+
+def test_blocks_of_points_become_few_hyperslabs():
+    shape = (4, 3)
+    block = [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 2)]
+    assert _slabs(block, shape) == [((0, slice(1, 3)), slice(0, 2), (2,)),
+                                    ((slice(1, 3), slice(None)), slice(2, 8), (2, 3)),
+                                    ((3, slice(0, 1)), slice(8, 9), (1,)), ((3, slice(2, 3)), slice(9, 10), (1,))]
+    assert _slabs([(2,), (3,), (5,)], (6,)) == [((slice(2, 4),), slice(0, 2), (2,)), ((slice(5, 6),), slice(2, 3), (1,))]
 
 
 def test_one_dimensional_slice_on_two_splits(data, digits):

@@ -9,7 +9,7 @@ two curves (the RWP paper's Fig. 1 finds about 100×).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -76,7 +76,8 @@ def radius_ratio(radii: np.ndarray, loss_awp: np.ndarray, loss_rwp: np.ndarray, 
 
 
 def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int = 10, rho_p: float = 2.0,
-                 seed: int = 0, ratio_levels: Sequence[float] | None = None, linear_first_layer: bool | None = None,
+                 seed: int = 0, ratio_levels: Sequence[float] | None = None,
+                 evaluator_options: Mapping[str, Any] | None = None,
                  progress: Callable[[int, int], None] | None = None) -> RadiusResult:
     """Adversarial and random perturbed loss at each radius (see the module docstring).
 
@@ -87,7 +88,7 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
         rho_p: the p of SAM's p-norm ball that shapes ε (2: the gradient direction; inf: its sign).
         seed: seed of the random directions.
         ratio_levels: loss increases (nats) at which to compare radii (see :func:`radius_ratio`).
-        linear_first_layer: first-layer output caching (see :class:`PointEvaluator`).
+        evaluator_options: speed-up switches of :class:`PointEvaluator` (same values up to rounding).
         progress: called as ``progress(radii_done, radii_total)``.
     """
     radii = np.asarray(radii, dtype=np.float64).reshape(-1)
@@ -102,7 +103,7 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
     generator = torch.Generator().manual_seed(seed)
     noise = [_unit(filterwise_noise(weights, 1.0, generator)) for _ in range(draws)]
     evaluator = PointEvaluator({"eval": objective}, [dict(zip(names, d)) for d in [awp, *noise]],
-                               linear_first_layer=linear_first_layer)
+                               **(evaluator_options or {}))
     base = evaluator.evaluate([[0.0] * (draws + 1)])
     loss = np.empty((len(radii), draws + 1))
     acc = np.empty((len(radii), draws + 1))
@@ -122,5 +123,5 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
               "dtype": str(objective.dtype).replace("torch.", "")}
     attrs = {**plain_provenance(config, objective, seed), "loss_base": loss_base, "acc_base": acc_base,
              "radius_ratio": ratio, "gradient_norm": float(global_norm(list(gradient.values()))),
-             "linear_first_layer_used": evaluator.linear_first_layer}
+             "speedups": evaluator.speedups}
     return RadiusResult(arrays, attrs)

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,8 @@ DEFAULT_ALPHAS = np.linspace(-0.5, 1.5, 41)
 FIRST_LAYER_BUDGET = 512 * 2**20  # bytes of cached first-layer outputs the automatic choice allows
 METRICS = ("loss", "acc")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
+_FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_FOLDABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 Progress = Callable[[int, int], None]  # (points done, points in total)
 
 
@@ -151,10 +155,30 @@ def _first_parametric_call(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tens
     return found[0] if found and isinstance(found[0][1], Tensor) else None
 
 
+def _conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """(layer, BatchNorm) module paths where the BatchNorm's only input is a Conv/Linear layer's output
+    that nothing else uses, each called once (found on a ``torch.fx`` trace; none if tracing fails)."""
+    try:
+        graph = torch.fx.symbolic_trace(model).graph
+    except Exception:  # noqa: BLE001 - any untraceable model simply gets no folding
+        return []
+    modules = dict(model.named_modules())
+    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    pairs = []
+    for node in graph.nodes:
+        source = node.args[0] if node.op == "call_module" and len(node.args) == 1 else None
+        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
+                and type(modules[node.target]) in _FOLDABLE_NORMS and type(modules[source.target]) in _FOLDABLE_LAYERS
+                and modules[node.target].running_mean is not None and calls[node.target] == calls[source.target] == 1):
+            pairs.append((source.target, node.target))
+    return pairs
+
+
 class _CachedFirstLayer(nn.Module):
     """Stands in for a Linear/Conv first layer: W0 x + Σ_i c_i D_i x from outputs computed once.
 
-    ``key = (split, batch)`` and ``coefficients`` are set by the evaluator before each forward.
+    ``key = (split, batch)`` and ``coefficients`` are set by the evaluator before each forward; the
+    input must be that batch's first-layer input or a prefix of it (the rows returned).
     """
 
     def __init__(self, base: dict[str, list[Tensor]], directions: dict[str, list[list[Tensor] | None]]) -> None:
@@ -165,15 +189,32 @@ class _CachedFirstLayer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         split, batch = self.key
-        out = self.base[split][batch].clone()
+        rows = len(x)
+        base, out = self.base[split][batch][:rows], None
         for c, outputs in zip(self.coefficients, self.dirs[split]):
             if c != 0.0 and outputs is not None:
-                out.add_(outputs[batch], alpha=c)
-        return out
+                step = outputs[batch][:rows]
+                out = torch.add(base, step, alpha=c) if out is None else out.add_(step, alpha=c)
+        return base.clone() if out is None else out
 
 
 class PointEvaluator:
     """Loss and accuracy at ``base + Σ_i c_i d_i`` for many coefficient vectors ``c``.
+
+    A private copy of the model holds the weights; for each point they are set in place from the
+    base with foreach ops, and the evaluation sets (kept on the device) run in inference mode.
+    Speed-ups, each giving the same values up to floating-point rounding:
+
+    - ``fold_batchnorm``: eval-mode BatchNorm layers that no direction moves are folded into the
+      Conv/Linear layer before them (W s, (b - mean) s + beta with s = gamma/sqrt(var + eps)); the
+      folded weights and directions stay linear in the coefficients. ``None``: whenever possible.
+    - ``channels_last``: NHWC memory layout for 4-D inputs. ``None``: on CPU (oneDNN prefers it).
+    - ``linear_first_layer``: the first layer's output is linear in its weights, so W0 x and each
+      D_i x are computed once and combined per point. ``None``: on CPU when the cache fits
+      :data:`FIRST_LAYER_BUDGET`.
+
+    The optimised copy is checked against the plain one at a generic point on a few examples; on a
+    mismatch (an unusual model) every speed-up is dropped. ``self.speedups`` says what is used.
 
     Args:
         objectives: ``{split: Objective}``. The first supplies the base weights and buffers; all
@@ -184,12 +225,11 @@ class PointEvaluator:
         bn_recompute: before each point, recompute every BatchNorm layer's running mean and
             (unbiased) variance exactly over the first objective's evaluation set, with batch
             statistics upstream (like ``torch.optim.swa_utils.update_bn``), then evaluate in eval mode.
-        linear_first_layer: cache the first layer's outputs (True/False); ``None`` does so on CPU
-            when the cache fits :data:`FIRST_LAYER_BUDGET`. ``self.linear_first_layer`` says what was used.
     """
 
     def __init__(self, objectives: Mapping[str, Objective], directions: Sequence[Mapping[str, Tensor]], *,
-                 bn_recompute: bool = False, linear_first_layer: bool | None = None) -> None:
+                 bn_recompute: bool = False, fold_batchnorm: bool | None = None, channels_last: bool | None = None,
+                 linear_first_layer: bool | None = None) -> None:
         self.objectives = dict(objectives)
         first = next(iter(self.objectives.values()))
         self.primary, self.bn, self.device = next(iter(self.objectives)), first.bn, first.device
@@ -198,39 +238,145 @@ class PointEvaluator:
                     or {n: t.shape for n, t in objective.params.items()} != {n: t.shape for n, t in first.params.items()}):
                 raise LandscapeError(f"the {split} objective differs from the first in parameters, dtype, device "
                                      "or BatchNorm mode; build both from the same checkpoint and options")
+        if bn_recompute and self.bn != "eval":
+            raise LandscapeError("recomputing BatchNorm statistics is for eval mode (running statistics); "
+                                 "use --bn eval with --bn-recompute, or drop --bn-recompute")
+        self.bn_recompute = bn_recompute
+        self._statistics: dict[nn.Module, list] | None = None
+        on_cpu = self.device.type == "cpu"
+        wanted = {"fold_batchnorm": (fold_batchnorm is not False) and self.bn == "eval" and not bn_recompute,
+                  "channels_last": channels_last if channels_last is not None else on_cpu,
+                  "linear_first_layer": linear_first_layer if linear_first_layer is not None else on_cpu}
+        budget = math.inf if linear_first_layer else FIRST_LAYER_BUDGET
+        plain = dict.fromkeys(wanted, False)
+        with torch.no_grad():
+            self._build(first, directions, plain, budget)
+            if any(wanted.values()):
+                reference = self._probe()
+                self._build(first, directions, wanted, budget)
+                if any(self.speedups.values()) and not self._matches(self._probe(), reference):
+                    self._build(first, directions, plain, budget)
+        if bn_recompute:
+            self._setup_recompute()
+
+    # -- the private copy ----------------------------------------------------------------------------
+
+    def _build(self, first: Objective, directions: Sequence[Mapping[str, Tensor]], wanted: Mapping[str, bool],
+               budget: float) -> None:
+        """Make the private copy at the base weights, with the ``wanted`` speed-ups where they apply."""
         self.work = copy.deepcopy(first.model).to(device=first.device, dtype=first.dtype)
+        self._layout = torch.channels_last if wanted["channels_last"] and _has_conv2d(self.work) else None
+        if self._layout is not None:
+            self.work.to(memory_format=self._layout)
+        self._modes = contextlib.ExitStack()  # the private copy stays in the objective's BatchNorm mode
+        self._modes.enter_context(batchnorm_mode(self.work, self.bn))
         state = {**dict(self.work.named_parameters()), **dict(self.work.named_buffers())}
         base = {**first.frozen, **first.params, **first.buffers}
-        with torch.no_grad():
-            for name, tensor in state.items():
-                tensor.requires_grad_(False)
-                if name in base:
-                    tensor.copy_(base[name])
+        for name, tensor in state.items():
+            tensor.requires_grad_(False)
+            if name in base:
+                tensor.copy_(base[name])
         names = list(dict.fromkeys(n for d in directions for n in d))
         unknown = [n for n in names if n not in state or not state[n].is_floating_point()]
         if unknown:
             raise LandscapeError(f"a direction moves {unknown[0]!r}, which is not a floating parameter or buffer "
                                  "of the model; make directions from this model's parameters")
-        self.targets = [state[n] for n in names]
-        self.base = [base[n] for n in names]
-        self.directions = [[d[n].to(state[n]) if n in d else torch.zeros_like(state[n]) for n in names]
-                           for d in directions]
-        self.batches = {split: list(o.batches()) for split, o in self.objectives.items()}
-        self.bn_recompute = bn_recompute
-        self._statistics: dict[nn.Module, list] | None = None
-        if bn_recompute:
-            self._setup_recompute()
+        self.names = [n for n in names if any(bool(d[n].any()) for d in directions if n in d)]  # what moves
+        self.targets = [state[n] for n in self.names]
+        self.base = [b if b.stride() == t.stride() else torch.empty_like(t).copy_(b)
+                     for b, t in zip((base[n] for n in self.names), self.targets)]
+        self.directions = [[torch.empty_like(t).copy_(d[n]) if n in d else torch.zeros_like(t)
+                            for n, t in zip(self.names, self.targets)] for d in directions]
+        self.batches = {split: [(self._arrange(x), y, w) for x, y, w in o.batches()]
+                        for split, o in self.objectives.items()}
         self.cache: _CachedFirstLayer | None = None
-        wanted = linear_first_layer if linear_first_layer is not None else self.device.type == "cpu"
-        budget = math.inf if linear_first_layer else FIRST_LAYER_BUDGET
-        self.linear_first_layer = bool(wanted) and self._install_cache(directions, budget)
+        folded = self._fold_batchnorm() if wanted["fold_batchnorm"] else 0
+        self._move(())  # the (folded) base
+        self.speedups = {"fold_batchnorm": folded, "channels_last": self._layout is not None,
+                         "linear_first_layer": bool(wanted["linear_first_layer"]) and self._install_cache(budget)}
+
+    def _arrange(self, x: Tensor) -> Tensor:
+        return x.contiguous(memory_format=self._layout) if self._layout is not None and x.ndim == 4 else x
+
+    def _swap(self, path: str, module: nn.Module) -> nn.Module:
+        """Put ``module`` at ``path`` of the private copy; returns the module it replaces."""
+        parent, _, child = path.rpartition(".")
+        owner = self.work.get_submodule(parent) if parent else self.work
+        previous = getattr(owner, child)
+        setattr(owner, child, module)
+        return previous
+
+    def _probe(self) -> Tensor:
+        """Outputs on a few examples at a generic point (for checking the speed-ups)."""
+        point = [0.37 * (-1.6) ** i for i in range(len(self.directions))]
+        self._move(point)
+        self._select(self.primary, 0, point)
+        out = self.work(self.batches[self.primary][0][0][:8])
+        self._move(())
+        return out
+
+    @staticmethod
+    def _matches(candidate: Tensor, reference: Tensor) -> bool:
+        tolerance = 1e-8 if reference.dtype == torch.float64 else 1e-3
+        scale = float(reference.abs().max()) if reference.numel() else 1.0
+        return torch.allclose(candidate, reference, rtol=tolerance, atol=tolerance * max(scale, 1e-30))
+
+    def _fold_batchnorm(self) -> int:
+        """Fold each eval-mode BatchNorm that no direction moves into its Conv/Linear layer; returns how many."""
+        index = {n: i for i, n in enumerate(self.names)}
+        folded = 0
+        for layer_path, norm_path in _conv_batchnorm_pairs(self.work):
+            layer, norm = self.work.get_submodule(layer_path), self.work.get_submodule(norm_path)
+            if any(f"{norm_path}.{key}" in index for key, _ in (*norm.named_parameters(), *norm.named_buffers())):
+                continue
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            scale = scale * norm.weight if norm.affine else scale
+            shift = (norm.bias if norm.affine else 0.0) - norm.running_mean * scale
+            if layer.bias is None:
+                layer.bias = nn.Parameter(torch.zeros_like(shift), requires_grad=False)
+            for key, factor, offset in (("weight", scale.view(-1, *[1] * (layer.weight.ndim - 1)), 0.0),
+                                        ("bias", scale, shift)):
+                tensor, i = getattr(layer, key), index.get(f"{layer_path}.{key}")
+                if i is None:
+                    tensor.copy_(tensor * factor + offset)
+                    continue
+                self.base[i] = self.base[i] * factor + offset
+                for direction in self.directions:
+                    direction[i] = direction[i] * factor
+            self._swap(norm_path, nn.Identity())
+            folded += 1
+        return folded
+
+    def _install_cache(self, budget: float) -> bool:
+        """Replace the first layer by :class:`_CachedFirstLayer` if it is Linear/Conv and the cache fits ``budget``."""
+        probe = self.batches[self.primary][0][0][:8]
+        found = _first_parametric_call(self.work, probe)
+        if found is None or type(found[0]) not in _FOLDABLE_LAYERS + (nn.ConvTranspose1d, nn.ConvTranspose2d):
+            return False
+        layer, probe_input = found
+        path = next(name for name, m in self.work.named_modules() if m is layer)
+        index = {n: i for i, n in enumerate(self.names)}
+        own = dict(layer.named_parameters())
+        moving = [{key: d[index[f"{path}.{key}"]] if f"{path}.{key}" in index else torch.zeros_like(p)
+                   for key, p in own.items()} if any(f"{path}.{key}" in index for key in own) else None
+                  for d in self.directions]
+        per_example = layer(probe_input[:1]).numel() * probe_input.element_size()
+        examples = sum(o.num_examples for o in self.objectives.values())
+        if not path or per_example * examples * (1 + sum(1 for m in moving if m)) > budget:
+            return False
+        base: dict[str, list[Tensor]] = {}
+        dirs: dict[str, list[list[Tensor] | None]] = {}
+        for split, batches in self.batches.items():
+            inputs = [_first_parametric_call(self.work, x)[1] for x, _, _ in batches]
+            base[split] = [layer(x) for x in inputs]
+            dirs[split] = [[functional_call(layer, m, (x,)) for x in inputs] if m else None for m in moving]
+        self.cache = _CachedFirstLayer(base, dirs)
+        self._swap(path, self.cache)
+        return True
 
     # -- BatchNorm statistics ------------------------------------------------------------------------
 
     def _setup_recompute(self) -> None:
-        if self.bn != "eval":
-            raise LandscapeError("recomputing BatchNorm statistics is for eval mode (running statistics); "
-                                 "use --bn eval with --bn-recompute, or drop --bn-recompute")
         layers = [m for m in self.work.modules() if isinstance(m, _BATCHNORM) and m.running_mean is not None]
         if not layers:
             raise LandscapeError("the model has no BatchNorm layers with running statistics; drop --bn-recompute")
@@ -248,69 +394,17 @@ class PointEvaluator:
         sums[1] += x.square().sum(dims)
         sums[2] += x.numel() // x.shape[1]
 
-    def _recompute_statistics(self) -> None:
+    def _recompute_statistics(self, coefficients: Sequence[float]) -> None:
         self._statistics = {m: [0.0, 0.0, 0] for m in self.bn_layers}
         with batchnorm_mode(self.work, "train"):
             for batch, (x, _, _) in enumerate(self.batches[self.primary]):
-                self._select(self.primary, batch)
+                self._select(self.primary, batch, coefficients)
                 self.work(x)
         for layer, (total, squares, count) in self._statistics.items():
             mean = total / count
             layer.running_mean.copy_(mean)
             layer.running_var.copy_((squares / count - mean.square()) * (count / max(count - 1, 1)))
         self._statistics = None
-
-    # -- first-layer cache ---------------------------------------------------------------------------
-
-    def _install_cache(self, directions: Sequence[Mapping[str, Tensor]], budget: float) -> bool:
-        with torch.inference_mode(), batchnorm_mode(self.work, self.bn):
-            found = _first_parametric_call(self.work, self.batches[self.primary][0][0])
-            if found is None or not isinstance(found[0], (nn.Linear, nn.modules.conv._ConvNd)):
-                return False
-            layer = found[0]
-            path = next(name for name, m in self.work.named_modules() if m is layer)
-            if not path:
-                return False
-            own = dict(layer.named_parameters())
-            moving = [{key: d[f"{path}.{key}"].to(p) if f"{path}.{key}" in d else torch.zeros_like(p)
-                       for key, p in own.items()} if any(f"{path}.{key}" in d for key in own) else None
-                      for d in directions]
-            per_example = layer(found[1]).numel() // len(found[1]) * found[1].element_size()
-            examples = sum(o.num_examples for o in self.objectives.values())
-            copies = 1 + sum(1 for m in moving if m)
-            if per_example * examples * copies > budget:
-                return False
-            base: dict[str, list[Tensor]] = {}
-            dirs: dict[str, list[list[Tensor] | None]] = {}
-            for split, batches in self.batches.items():
-                inputs = [_first_parametric_call(self.work, x)[1] for x, _, _ in batches]
-                base[split] = [layer(x) for x in inputs]
-                dirs[split] = [[functional_call(layer, m, (x,)) for x in inputs] if m else None for m in moving]
-            cache = _CachedFirstLayer(base, dirs)
-            if not self._validate(layer, path, cache, len(directions)):
-                return False
-        self.cache = cache
-        return True
-
-    def _swap(self, path: str, module: nn.Module) -> None:
-        parent, _, child = path.rpartition(".")
-        setattr(self.work.get_submodule(parent) if parent else self.work, child, module)
-
-    def _validate(self, layer: nn.Module, path: str, cache: _CachedFirstLayer, count: int) -> bool:
-        """Swap the cache in and keep it only if the outputs match the plain model at a generic point."""
-        point = [0.37 * (-1.6) ** i for i in range(count)]
-        self._move(point)
-        x = self.batches[self.primary][0][0]
-        reference = self.work(x)
-        self._swap(path, cache)
-        cache.key, cache.coefficients = (self.primary, 0), point
-        candidate = self.work(x)
-        tolerance = 1e-3 if reference.dtype in (torch.float32, torch.float16, torch.bfloat16) else 1e-8
-        scale = float(reference.abs().max()) if reference.numel() else 1.0
-        if torch.allclose(candidate, reference, rtol=tolerance, atol=tolerance * max(scale, 1e-30)):
-            return True
-        self._swap(path, layer)
-        return False
 
     # -- points --------------------------------------------------------------------------------------
 
@@ -320,35 +414,37 @@ class PointEvaluator:
             if c != 0.0:
                 torch._foreach_add_(self.targets, direction, alpha=float(c))
 
-    def _select(self, split: str, batch: int) -> None:
+    def _select(self, split: str, batch: int, coefficients: Sequence[float]) -> None:
         if self.cache is not None:
-            self.cache.key = (split, batch)
+            self.cache.key, self.cache.coefficients = (split, batch), coefficients
 
-    def _pass(self, split: str) -> list[Tensor]:
+    def _pass(self, split: str, coefficients: Sequence[float]) -> list[Tensor]:
         objective = self.objectives[split]
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.float64, device=self.device)
+        total: Tensor | float = 0.0
+        correct: Tensor | int = 0
         for batch, (x, y, weight) in enumerate(self.batches[split]):
-            self._select(split, batch)
+            self._select(split, batch, coefficients)
             out = self.work(x)
-            total += objective.loss_fn(out, y).double() * weight
-            correct += accuracy_count(out, y)
-        return [total, correct / objective.num_examples]
+            total = total + objective.loss_fn(out, y).double() * weight
+            correct = correct + accuracy_count(out, y)
+        return [total, correct.double() / objective.num_examples]
 
     def evaluate(self, points: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
         """``{"<split>_loss", "<split>_acc": array (len(points),)}`` at each coefficient vector."""
         rows = []
-        with torch.inference_mode(), batchnorm_mode(self.work, self.bn):
+        with torch.inference_mode():
             for coefficients in points:
                 self._move(coefficients)
-                if self.cache is not None:
-                    self.cache.coefficients = coefficients
                 if self.bn_recompute:
-                    self._recompute_statistics()
-                rows.append(torch.stack([v for split in self.objectives for v in self._pass(split)]))
+                    self._recompute_statistics(coefficients)
+                rows.append(torch.stack([v for split in self.objectives for v in self._pass(split, coefficients)]))
         values = torch.stack(rows).cpu().numpy() if rows else np.zeros((0, 2 * len(self.objectives)))
         names = [f"{split}_{metric}" for split in self.objectives for metric in METRICS]
         return {name: values[:, i] for i, name in enumerate(names)}
+
+
+def _has_conv2d(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules())
 
 
 # ---------------------------------------------------------------------------------------------- grid runs
@@ -391,38 +487,60 @@ class _MemoryGroup:
         """Nothing to release."""
 
 
+def _slabs(block: Sequence[tuple[int, ...]], shape: tuple[int, ...]) -> list[tuple[tuple, slice, tuple[int, ...]]]:
+    """Split a row-major run of grid indices into hyperslabs: ``(index expression, positions in block, shape)``.
+
+    Neighbours along the last axis form one slab; consecutive complete rows of a 2-D grid form one too.
+    """
+    slabs, start = [], 0
+    while start < len(block):
+        first, stop = block[start], start + 1
+        while stop < len(block) and block[stop][:-1] == first[:-1] and block[stop][-1] == block[stop - 1][-1] + 1:
+            stop += 1
+        width = shape[-1]
+        if len(shape) == 2 and stop - start == width:
+            rows = 1
+            while stop + width <= len(block) and block[stop] == (first[0] + rows, 0) \
+                    and block[stop + width - 1] == (first[0] + rows, width - 1):
+                stop, rows = stop + width, rows + 1
+            slabs.append(((slice(first[0], first[0] + rows), slice(None)), slice(start, stop), (rows, width)))
+        else:
+            slabs.append(((*first[:-1], slice(first[-1], first[-1] + stop - start)), slice(start, stop),
+                          (stop - start,)))
+        start = stop
+    return slabs
+
+
 def _run(sink: IncrementalGroup | _MemoryGroup, evaluator: PointEvaluator, coordinates: Sequence[np.ndarray],
          progress: Progress | None, flush_seconds: float) -> None:
-    """Evaluate every pending point; write runs of neighbours along the last axis as one block,
-    at least every ``flush_seconds`` (so a kill loses at most that much work)."""
+    """Evaluate every pending point and write the finished ones, as few hyperslabs, at least every
+    ``flush_seconds`` (so a kill loses at most that much work, and no written point is recomputed)."""
     pending = sink.pending()
-    total = math.prod(len(axis) for axis in coordinates)
-    done = total - len(pending)
-    block: list[tuple[int, ...]] = []
-    values: dict[str, list[float]] = {}
-    since = time.perf_counter()
-
-    def flush() -> None:
-        nonlocal block, values, done, since
-        if block:
-            first, last = block[0], block[-1]
-            sink.write((*first[:-1], slice(first[-1], last[-1] + 1)), {k: np.asarray(v) for k, v in values.items()})
-            done += len(block)
-            if progress is not None:
-                progress(done, total)
-        block, values, since = [], {}, time.perf_counter()
-
+    shape = tuple(len(axis) for axis in coordinates)
+    total, done = math.prod(shape), math.prod(shape) - len(pending)
     if progress is not None:
         progress(done, total)
-    for index in pending:
-        if block and (index[:-1] != block[-1][:-1] or index[-1] != block[-1][-1] + 1):
-            flush()
-        for name, value in evaluate_points(evaluator, coordinates, [index]).items():
-            values.setdefault(name, []).append(float(value[0]))
-        block.append(index)
-        if time.perf_counter() - since >= flush_seconds:
-            flush()
-    flush()
+    start = position = 0
+    chunk, since = 1, time.perf_counter()
+    values: dict[str, list[float]] = {}
+    while position < len(pending):
+        began = time.perf_counter()
+        indices = pending[position:position + chunk]
+        for name, value in evaluate_points(evaluator, coordinates, indices).items():
+            values.setdefault(name, []).extend(value.tolist())
+        position += len(indices)
+        # cheap points go several per call: about 0.1 s of work, well inside the flush interval
+        per_point = (time.perf_counter() - began) / len(indices)
+        chunk = max(1, min(256, int(min(0.1, flush_seconds / 4) / max(per_point, 1e-9))))
+        if position < len(pending) and time.perf_counter() - since < flush_seconds:
+            continue
+        block = pending[start:position]
+        for where, positions, slab in _slabs(block, shape):
+            sink.write(where, {name: np.asarray(v[positions]).reshape(slab) for name, v in values.items()})
+        done += len(block)
+        if progress is not None:
+            progress(done, total)
+        start, values, since = position, {}, time.perf_counter()
 
 
 def _label_splits(objective: Objective, test_objective: Objective | None) -> dict[str, Objective]:
@@ -446,15 +564,15 @@ def _axis(values: Any, name: str) -> np.ndarray:
 def _grid(result_type: type[Result], objectives: Mapping[str, Objective], directions: Sequence[Mapping[str, Tensor]],
           coordinates: Sequence[np.ndarray], static: Mapping[str, Any], config: dict[str, Any], extra: dict[str, Any],
           seed: int | None, *, out: str | Path | None, resume: bool, overwrite: bool, bn_recompute: bool,
-          linear_first_layer: bool | None, progress: Progress | None, flush_seconds: float) -> Result:
+          evaluator_options: Mapping[str, Any] | None, progress: Progress | None, flush_seconds: float) -> Result:
     """Evaluate ``objectives`` on the grid ``coordinates`` along ``directions``; write ``/group`` to ``out``."""
     first = next(iter(objectives.values()))
     config = {**config, "splits": list(objectives), "bn": first.bn, "bn_recompute": bn_recompute,
-              "dtype": str(first.dtype).replace("torch.", ""), "linear_first_layer": linear_first_layer,
+              "dtype": str(first.dtype).replace("torch.", ""), "evaluator_options": dict(evaluator_options or {}),
               "checkpoint_sha256": str(first.source.get("checkpoint_sha256", "")),
               "eval_sets": {s: o.source.get("eval_set", {}) for s, o in objectives.items()}}
-    evaluator = PointEvaluator(objectives, directions, bn_recompute=bn_recompute, linear_first_layer=linear_first_layer)
-    attrs = {**plain_provenance(config, first, seed), **extra, "linear_first_layer_used": evaluator.linear_first_layer}
+    evaluator = PointEvaluator(objectives, directions, bn_recompute=bn_recompute, **(evaluator_options or {}))
+    attrs = {**plain_provenance(config, first, seed), **extra, "speedups": evaluator.speedups}
     names = [f"{s}_{m}" for s in objectives for m in METRICS]
     shape = tuple(len(axis) for axis in coordinates)
     sink = (IncrementalGroup(out, result_type.group, {n: () for n in names}, shape, attrs, static,
@@ -486,7 +604,7 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
                  test_objective: Objective | None = None, normalization: str = "filter", include_biasbn: bool = False,
                  orthogonal: bool = False, x_target: Any = None, bn_recompute: bool = False, seed: int = 0,
                  out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-                 linear_first_layer: bool | None = None, progress: Progress | None = None,
+                 evaluator_options: Mapping[str, Any] | None = None, progress: Progress | None = None,
                  flush_seconds: float = 1.0) -> SurfaceResult:
     """Loss and accuracy on the plane L(w + a d1 + b d2) (Li et al. 2018), or the line L(w + a d1).
 
@@ -503,7 +621,9 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
         seed: seed of the random directions (d1 from stream 2*seed, d2 from 2*seed + 1).
         out, resume, overwrite: write ``/surface`` of this HDF5 file incrementally; ``resume``
             continues an interrupted run (same options required), ``overwrite`` starts over.
-        linear_first_layer: first-layer output caching (see :class:`PointEvaluator`); same values.
+        evaluator_options: speed-up switches of :class:`PointEvaluator` (``fold_batchnorm``,
+            ``channels_last``, ``linear_first_layer``: True/False/None for automatic); the values
+            agree up to floating-point rounding either way. ``attrs["speedups"]`` says what was used.
         progress: called as ``progress(points_done, points_total)`` after each written block.
         flush_seconds: finished points are written at least this often (0: after every point).
 
@@ -524,13 +644,13 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
               "orthogonal": orthogonal, "x_target": target_info, "direction_seed": seed}
     return _grid(SurfaceResult, objectives, directions, coordinates, static, config,
                  _direction_attrs(directions, objective.params), seed, out=out, resume=resume, overwrite=overwrite,
-                 bn_recompute=bn_recompute, linear_first_layer=linear_first_layer, progress=progress,
+                 bn_recompute=bn_recompute, evaluator_options=evaluator_options, progress=progress,
                  flush_seconds=flush_seconds)
 
 
 def interpolate(objective: Objective, target: Any, alphas: Any = DEFAULT_ALPHAS, *, move_buffers: bool = False,
                 test_objective: Objective | None = None, bn_recompute: bool = False, out: str | Path | None = None,
-                resume: bool = False, overwrite: bool = False, linear_first_layer: bool | None = None,
+                resume: bool = False, overwrite: bool = False, evaluator_options: Mapping[str, Any] | None = None,
                 progress: Progress | None = None, flush_seconds: float = 1.0) -> InterpolationResult:
     """Loss and accuracy along w(α) = w_a + α (w_b - w_a) (Goodfellow et al. 2015), α ∈ [-0.5, 1.5] by default.
 
@@ -554,4 +674,4 @@ def interpolate(objective: Objective, target: Any, alphas: Any = DEFAULT_ALPHAS,
              "distance": float(global_norm([direction[n] for n in objective.params]))}
     return _grid(InterpolationResult, objectives, [direction], coordinates, {"alphas": coordinates[0]}, config, extra,
                  None, out=out, resume=resume, overwrite=overwrite, bn_recompute=bn_recompute,
-                 linear_first_layer=linear_first_layer, progress=progress, flush_seconds=flush_seconds)
+                 evaluator_options=evaluator_options, progress=progress, flush_seconds=flush_seconds)
