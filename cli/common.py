@@ -107,3 +107,17 @@ def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0):
     disable = not (sys.stderr.isatty() or os.environ.get("LANDSCAPE_PROGRESS"))
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, disable=disable,
                 dynamic_ncols=True, leave=False)
+
+
+def echo_registry(entries: list, what: str, pattern: str | None, label: str) -> None:
+    """Print registry entries (``name``, ``description``, ``defaults``) with their ``label`` line."""
+    import json
+
+    from landscape.errors import LandscapeError
+    if not entries:
+        raise LandscapeError(f"no {what} matches '{pattern}'; run `landscape {what}s` to see all names")
+    width = max(len(entry.name) for entry in entries)
+    for entry in entries:
+        values = ", ".join(f"{key}={json.dumps(value)}" for key, value in entry.defaults.items())
+        click.echo(f"{entry.name:<{width}}  {entry.description}")
+        click.echo(f"{'':<{width}}  {label}: {values or 'none'}")

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from landscape.cli.common import arch_options
+from landscape.cli.common import arch_options, echo_registry
 from landscape.errors import LandscapeError
 
 CHECKPOINT_FIELDS = ("format", "arch", "arch_kwargs", "dataset", "optimizer", "optimizer_hparams", "metrics",
@@ -110,14 +110,7 @@ def models(pattern: str | None) -> None:
     """
     from landscape.models import list_models
 
-    found = list_models(pattern)
-    if not found:
-        raise LandscapeError(f"no model matches '{pattern}'; run `landscape models` to see all names")
-    width = max(len(info.name) for info in found)
-    for info in found:
-        options = ", ".join(f"{key}={json.dumps(value)}" for key, value in info.defaults.items())
-        click.echo(f"{info.name:<{width}}  {info.description}")
-        click.echo(f"{'':<{width}}  options: {options or 'none'}")
+    echo_registry(list_models(pattern), "model", pattern, "options")
 
 
 @click.command()

@@ -9,7 +9,8 @@ from typing import Any
 
 import click
 
-from landscape.cli.common import device_option, out_option, parse_json_object, progress, seed_option
+from landscape.cli.common import (device_option, echo_registry, out_option, parse_json_object, progress,
+                                  seed_option)
 from landscape.errors import LandscapeError
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
@@ -99,11 +100,4 @@ def optimizers(pattern: str | None) -> None:
     """
     from landscape.optimizers import list_optimizers
 
-    found = list_optimizers(pattern)
-    if not found:
-        raise LandscapeError(f"no optimizer matches '{pattern}'; run `landscape optimizers` to see all names")
-    width = max(len(info.name) for info in found)
-    for info in found:
-        defaults = ", ".join(f"{key}={json.dumps(value)}" for key, value in info.defaults.items())
-        click.echo(f"{info.name:<{width}}  {info.description}")
-        click.echo(f"{'':<{width}}  defaults: {defaults or 'none'}")
+    echo_registry(list_optimizers(pattern), "optimizer", pattern, "defaults")

@@ -75,3 +75,22 @@ def digits():
     from landscape.data import load_dataset
 
     return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory) -> Path:
+    """A tiny untrained digits cnn (width 2, with BatchNorm) as an own checkpoint, shared by CLI tests.
+
+    Modules that need a different checkpoint define their own ``checkpoint`` fixture.
+    """
+    import torch
+
+    from landscape.checkpoint import save_checkpoint
+    from landscape.models import build_model
+
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 10, "input_shape": (1, 8, 8), "width": 2}
+    path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
+    save_checkpoint(path, build_model("cnn", **kwargs), arch="cnn", arch_kwargs=kwargs, dataset="digits",
+                    optimizer="sgd", optimizer_hparams={}, metrics={}, seed=0)
+    return path

@@ -20,6 +20,7 @@ from landscape.analysis import cosine as cosine_module
 from landscape.analysis.cosine import cosine_stability, projected_ascent, start_noise
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
+from clitools import invoke
 
 N, D = 40, 4
 SCALES = (3.0, 1.0, 0.7, 0.5)   # separates the top Hessian eigenvalue, so projected ascent converges fast
@@ -270,27 +271,6 @@ def test_result_saves_loads_and_plots(quadratic, tmp_path):
     assert loaded["cosine"].shape == (2, 2) and loaded["seed"] == 0 and loaded["config"]["pga_steps"] == 2
     figure = loaded.plot(tmp_path / "cosine.png")
     assert (tmp_path / "cosine.png").stat().st_size > 0 and len(figure.axes) == 3
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny untrained digits cnn (width 2, with BatchNorm) as an own checkpoint."""
-    from landscape.checkpoint import save_checkpoint
-    from landscape.models import build_model
-
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 10, "input_shape": (1, 8, 8), "width": 2}
-    path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
-    save_checkpoint(path, build_model("cnn", **kwargs), arch="cnn", arch_kwargs=kwargs, dataset="digits",
-                    optimizer="sgd", optimizer_hparams={}, metrics={}, seed=0)
-    return path
-
-
-def invoke(*args: str):
-    from click.testing import CliRunner
-
-    from landscape.cli.main import cli
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_cli_cosine_writes_the_group_and_prints_tables(checkpoint, tmp_path):

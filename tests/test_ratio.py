@@ -18,6 +18,7 @@ from landscape.analysis.gradients import minibatches
 from landscape.analysis.ratio import RatioResult, gradient_ratio, log_ratio
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
+from clitools import invoke
 
 N, D, ZERO_COLUMN, BATCHES = 48, 5, 2, 2
 EDGES = np.linspace(-6.0, 3.0, 91)
@@ -204,27 +205,6 @@ def test_result_saves_loads_and_plots(setup, tmp_path):
     loaded.plot(tmp_path / "rho.png")
     loaded.plot(tmp_path / "layer.png", by="layer", rho_index=0)
     assert (tmp_path / "rho.png").stat().st_size > 0 and (tmp_path / "layer.png").stat().st_size > 0
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    """A tiny untrained digits cnn (width 2, with BatchNorm) as an own checkpoint."""
-    from landscape.checkpoint import save_checkpoint
-    from landscape.models import build_model
-
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 10, "input_shape": (1, 8, 8), "width": 2}
-    path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
-    save_checkpoint(path, build_model("cnn", **kwargs), arch="cnn", arch_kwargs=kwargs, dataset="digits",
-                    optimizer="sgd", optimizer_hparams={}, metrics={}, seed=0)
-    return path
-
-
-def invoke(*args: str):
-    from click.testing import CliRunner
-
-    from landscape.cli.main import cli
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.mark.parametrize("perturbation", ["sam", "rsam"])
