@@ -22,7 +22,7 @@ from torch import nn
 from torch.func import functional_call
 
 from landscape.analysis import hessian as hessian_module
-from landscape.analysis.hessian import HessianResult, hessian_spectrum, parameter_blocks
+from landscape.analysis.hessian import HessianOperator, HessianResult, hessian_spectrum, parameter_blocks
 from landscape.errors import LandscapeError
 from landscape.models import build_model
 from landscape.objective import Objective
@@ -139,8 +139,28 @@ def test_extreme_eigenpairs_match_exact_hessian(case, data):
         assert_close(torch.linalg.vector_norm(vectors, dim=1), np.ones(len(vectors)), 1e-10, what="norms")
         residual = torch.linalg.vector_norm(vectors @ exact - torch.as_tensor(values)[:, None] * vectors, dim=1)
         assert_close(residual, np.zeros(len(vectors)), 0.0, 1e-6 * scale, f"{key} residuals")
+        reported = result["residuals" if key == "eigenvectors" else "bottom_residuals"]
+        assert_close(np.asarray(reported) * np.abs(values), residual, 0.0, 1e-12 * scale, f"{key} reported residuals")
     assert result["lambda1_over_lambda5"] == pytest.approx(eigenvalues[-1] / eigenvalues[-5], rel=1e-6)
     assert result["hvp_count"] == result["hvp_count_eigen"] == objective.hvp_count
+
+
+def test_operator_matches_exact_hessian_whatever_is_cached(data):
+    _, objective, exact = case_setup("cnn-bn-eval", data)   # batches of 48, 48, 32
+    vectors = torch.randn(3, exact.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    expected = vectors @ exact
+    full = HessianOperator(objective)
+    operators = [full, HessianOperator(objective, cache_bytes=0)]
+    for operator in operators:
+        for _ in range(2):   # the second round reuses whatever the first cached
+            got = torch.cat([operator(v[None]) for v in vectors])
+            assert_close(got, expected, 1e-10, 1e-12, "single-vector HVPs")
+    partial = HessianOperator(objective, cache_bytes=full.graph_bytes // 2)
+    for v, e in zip(vectors, expected):
+        assert_close(partial(v[None])[0], e, 1e-10, 1e-12, "partly cached HVPs")
+    assert (len(full.graphs), len(operators[1].graphs), len(partial.graphs)) == (3, 0, 1)
+    assert_close(full(vectors), expected, 1e-10, 1e-12, "batched HVPs")
+    assert (full.count, objective.hvp_count) == (2 * 3 + 3, 2 * (2 * 3) + 3 + 3)   # every HVP counted
 
 
 def test_thick_restart_converges_to_exact(data, monkeypatch):

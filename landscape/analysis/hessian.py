@@ -1,5 +1,7 @@
 """Hessian spectrum of an :class:`~landscape.objective.Objective`, from Hessian-vector products only.
 
+- HVPs: one vector by double backward through first-order graphs cached per batch (about half
+  the cost of recomputing them); several vectors per data pass by ``Objective.hvp_batched``.
 - Extreme eigenvalues: Lanczos with full reorthogonalisation and thick restarts; every wanted
   Ritz pair is checked after every HVP and the run stops as soon as all meet the tolerance.
 - Spectral density: stochastic Lanczos quadrature (Ghorbani et al. 2019), the ``n_v`` runs in
@@ -30,7 +32,8 @@ from landscape.store import provenance
 BACKENDS = ("landscape", "pyhessian")
 TRACE_METHODS = ("hutch++", "hutchinson")
 DEFAULT_TOL = {"landscape": 1e-4, "pyhessian": 1e-3}
-BASIS_BYTES = 2 * 2**30      # memory allowed for Lanczos vectors before restarting / splitting SLQ runs
+BASIS_BYTES = 2 * 2**30      # CPU memory allowed for Lanczos vectors (on CUDA: half the free memory)
+GRAPH_BYTES = 2 * 2**30      # CPU memory allowed for cached first-order graphs (on CUDA: a quarter of the free memory)
 MAX_BASIS = 256              # most Lanczos vectors kept for the extreme eigenvalues
 DENSITY_SIGMA = 1e-3         # default Gaussian width, relative to the width of the Ritz spectrum
 GRID_PER_SIGMA = 4           # density grid points per sigma
@@ -42,11 +45,17 @@ _COLUMNS = 2**20             # basis columns transformed at once by a thick rest
 class HessianOperator:
     """The Hessian of ``objective`` as a map on flat vectors, ``(K, d) -> (K, d)``.
 
-    Up to ``batch`` products share one pass over the data. ``progress(n)`` is called after every
-    pass with the number of new HVPs; ``count`` is the number of HVPs so far.
+    - One vector (sequential Lanczos): double backward through each batch's first-order graph.
+      The graphs are built once and kept while they fit in ``cache_bytes`` (default
+      :func:`graph_cache_bytes`); the other batches rebuild theirs for every product.
+    - Several vectors: ``Objective.hvp_batched``, up to ``batch`` vectors per data pass.
+
+    ``progress(n)`` is called after every pass with the number of new HVPs; ``count`` counts them
+    (``objective.hvp_count`` too).
     """
 
-    def __init__(self, objective: Objective, batch: int = 4, progress: Callable[[int], Any] | None = None) -> None:
+    def __init__(self, objective: Objective, batch: int = 4, progress: Callable[[int], Any] | None = None,
+                 cache_bytes: int | None = None) -> None:
         self.objective = objective
         self.shapes = {name: p.shape for name, p in objective.params.items()}
         self.sizes = [p.numel() for p in objective.params.values()]
@@ -55,19 +64,59 @@ class HessianOperator:
         self.batch = max(1, int(batch))
         self.progress = progress
         self.count = 0
+        self.cache_bytes = graph_cache_bytes(self.device) if cache_bytes is None else cache_bytes
+        self.leaves = [p.detach().requires_grad_() for p in objective.params.values()]
+        self.graphs: list[list[Tensor | None]] = []   # first-order gradients with graph, batches 0..len-1
+        self.graph_bytes = 0
 
     def __call__(self, vectors: Tensor) -> Tensor:
         return torch.cat([self._apply(chunk) for chunk in vectors.split(self.batch)])
 
     def _apply(self, chunk: Tensor) -> Tensor:
         k = len(chunk)
-        parts = dict(zip(self.shapes, chunk.split(self.sizes, dim=1)))
         if k == 1:
-            products = self.objective.hvp({n: parts[n].reshape(s) for n, s in self.shapes.items()})
+            self.objective.hvp_count += 1
+            out = self._double_backward(chunk[0])[None]
         else:
+            parts = dict(zip(self.shapes, chunk.split(self.sizes, dim=1)))
             products = self.objective.hvp_batched({n: parts[n].reshape(k, *s) for n, s in self.shapes.items()})
+            out = torch.cat([products[n].reshape(k, -1) for n in self.shapes], dim=1)
         self.record(k)
-        return torch.cat([products[n].reshape(k, -1) for n in self.shapes], dim=1)
+        return out
+
+    def _first_order(self, x: Tensor, y: Tensor) -> tuple[list[Tensor | None], int]:
+        """The batch loss's gradients with their graph, and the bytes of tensors that graph holds."""
+        held: dict[int, int] = {}
+
+        def pack(tensor: Tensor) -> Tensor:
+            held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+            return tensor
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = self.objective.batch_loss(dict(zip(self.shapes, self.leaves)), x, y)
+            grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
+        return list(grads), sum(held.values())
+
+    def _double_backward(self, vector: Tensor) -> Tensor:
+        tangents = [t.reshape(s) for t, s in zip(vector.split(self.sizes), self.shapes.values())]
+        total = [torch.zeros_like(t) for t in tangents]
+        for index, (x, y, weight) in enumerate(self.objective.batches()):
+            if index < len(self.graphs):
+                grads = self.graphs[index]
+            else:
+                grads, size = self._first_order(x, y)
+                if index == len(self.graphs) and self.graph_bytes + size <= self.cache_bytes:
+                    self.graphs.append(grads)
+                    self.graph_bytes += size
+            live = [(g, t) for g, t in zip(grads, tangents) if g is not None and g.requires_grad]
+            if not live:
+                continue
+            products = torch.autograd.grad([g for g, _ in live], self.leaves, grad_outputs=[t for _, t in live],
+                                           retain_graph=index < len(self.graphs), allow_unused=True)
+            for accumulated, product in zip(total, products):
+                if product is not None:
+                    accumulated.add_(product, alpha=weight)
+        return torch.cat([t.reshape(-1) for t in total])
 
     def record(self, count: int) -> None:
         """Count ``count`` HVPs (also those computed outside, e.g. by PyHessian)."""
@@ -78,6 +127,31 @@ class HessianOperator:
     def flat(self, tensors: Sequence[Tensor]) -> Tensor:
         """Concatenate per-parameter tensors (in parameter order) into one ``(d,)`` vector."""
         return torch.cat([t.reshape(-1) for t in tensors]).to(self.device, self.dtype)
+
+
+def basis_bytes(device: torch.device) -> int:
+    """Memory Lanczos vectors may take: ``BASIS_BYTES`` on the CPU, half the free memory on a GPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    return BASIS_BYTES
+
+
+def graph_cache_bytes(device: torch.device) -> int:
+    """Memory cached first-order graphs may take: ``GRAPH_BYTES`` on the CPU, a quarter of the free GPU memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return GRAPH_BYTES
+
+
+@contextlib.contextmanager
+def full_float32() -> Iterator[None]:
+    """Turn TensorFloat-32 off for convolutions and matmuls (it costs ~1e-3 relative accuracy on GPUs)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def rademacher(count: int, dim: int, generator: torch.Generator, like: HessianOperator) -> Tensor:
@@ -169,17 +243,19 @@ def extreme_eigenpairs(operator: HessianOperator, top_k: int, bottom_k: int = 0,
                        max_hvps: int = 1000, seed: int = 0, eigenvectors: bool = False) -> dict[str, Any]:
     """The ``top_k`` largest and ``bottom_k`` smallest eigenvalues by thick-restart Lanczos.
 
-    A Ritz pair ``(theta, v)`` is converged when ``||Hv - theta v|| <= tol * max(|theta|, sqrt(eps) * |theta|_max)``
-    (``eps``: machine epsilon of the compute dtype; the floor is the accuracy HVPs have for
-    eigenvalues near zero). The eigenvalue error is then at most ``tol * |theta|``.
+    A Ritz pair ``(theta, v)`` is converged when Lanczos' residual estimate ``beta |s_last|`` of
+    ``||Hv - theta v||`` is at most ``tol * max(|theta|, sqrt(eps) * |theta|_max)`` (``eps``: machine epsilon
+    of the compute dtype; the floor keeps eigenvalues near zero reachable), which bounds the
+    eigenvalue error by the same amount. The run stops when every wanted pair is converged (or
+    after ``max_hvps``); ``top_k + bottom_k`` more HVPs (one batched pass) then *measure* the residuals.
 
     Returns ``top``/``bottom`` (eigenvalues, descending / ascending), ``top_residuals``/``bottom_residuals``
-    (``||Hv - theta v|| / |theta|``), ``top_converged``/``bottom_converged`` and, on request,
+    (measured ``||Hv - theta v|| / |theta|``), ``top_converged``/``bottom_converged`` and, on request,
     ``top_vectors``/``bottom_vectors`` ``(k, d)``.
     """
     wanted = top_k + bottom_k
     vector_bytes = operator.dim * torch.finfo(operator.dtype).bits // 8
-    capacity = min(operator.dim, MAX_BASIS, max(wanted + 16, BASIS_BYTES // vector_bytes))
+    capacity = min(operator.dim, MAX_BASIS, max(wanted + 16, basis_bytes(operator.device) // vector_bytes))
     generator = torch.Generator().manual_seed(seed)
     start = torch.randn(1, operator.dim, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
     lanczos = Lanczos(start, capacity, generator)
@@ -199,14 +275,21 @@ def extreme_eigenpairs(operator: HessianOperator, top_k: int, bottom_k: int = 0,
         if size == capacity:
             keep = _restart_selection(size, top_k, bottom_k)
             lanczos.restart(vectors[None][:, :, keep], values[None, keep])
-    relative = residuals[pick] / np.maximum(np.abs(picked), np.finfo(float).tiny)
+    ritz = lanczos.ritz_vectors(vectors[None][:, :, pick])[0]
+    relative = measured_residuals(operator, picked, ritz)
     out = {"top": picked[:top_k], "bottom": picked[top_k:], "top_residuals": relative[:top_k],
            "bottom_residuals": relative[top_k:], "top_converged": converged[:top_k],
            "bottom_converged": converged[top_k:]}
     if eigenvectors:
-        ritz = lanczos.ritz_vectors(vectors[None][:, :, pick])[0]
         out["top_vectors"], out["bottom_vectors"] = ritz[:top_k], ritz[top_k:]
     return out
+
+
+def measured_residuals(operator: HessianOperator, values: np.ndarray, vectors: Tensor) -> np.ndarray:
+    """``||H v - lambda v|| / |lambda|`` for unit ``vectors`` ``(k, d)``, from ``k`` more HVPs."""
+    products = operator(vectors) - torch.as_tensor(values).to(vectors)[:, None] * vectors
+    norms = torch.linalg.vector_norm(products, dim=1).double().cpu().numpy()
+    return norms / np.maximum(np.abs(values), np.finfo(float).tiny)
 
 
 def _restart_selection(size: int, top_k: int, bottom_k: int) -> np.ndarray:
@@ -223,11 +306,11 @@ def slq(operator: HessianOperator, n_v: int, steps: int, seed: int = 0) -> tuple
 
     Each run's weights are the squared first components of the eigenvectors of its ``T`` and sum
     to one; ``sum(w * node**j)`` is ``u^T H^j u`` for the unit start ``u`` (exact for ``j <= 2 * steps - 1``).
-    Runs go in lockstep (one batched data pass per step) as far as ``BASIS_BYTES`` allows.
+    Runs go in lockstep (one batched data pass per step) as far as :func:`basis_bytes` allows.
     """
     steps = min(steps, operator.dim)
     vector_bytes = operator.dim * torch.finfo(operator.dtype).bits // 8
-    per_pass = max(1, min(n_v, BASIS_BYTES // ((steps + 1) * vector_bytes)))
+    per_pass = max(1, min(n_v, basis_bytes(operator.device) // ((steps + 1) * vector_bytes)))
     generator = torch.Generator().manual_seed(seed)
     nodes, weights = [], []
     for first in range(0, n_v, per_pass):
@@ -310,7 +393,7 @@ class _WeightsModule(nn.Module):
         return self.objective.outputs(dict(zip(self.names, self.weights)), x)
 
 
-def _pyhessian(objective: Objective, operator: HessianOperator):
+def pyhessian_hessian(objective: Objective, operator: HessianOperator):
     """A ``pyhessian.hessian`` over the objective's batches whose HVPs are counted by ``operator``."""
     import pyhessian
 
@@ -337,22 +420,21 @@ def pyhessian_eigenpairs(objective: Objective, operator: HessianOperator, top_k:
                          seed: int = 0, eigenvectors: bool = False) -> dict[str, Any]:
     """PyHessian's ``eigenvalues(top_n=top_k, tol=tol)`` (power iteration, at most 100 HVPs each).
 
-    Residuals are measured afterwards with ``top_k`` HVPs of our own; ``converged`` applies the
-    same test as :func:`extreme_eigenpairs`.
+    Residuals are measured afterwards with ``top_k`` HVPs of our own; ``converged`` means the measured
+    residual passes the tolerance test of :func:`extreme_eigenpairs`.
     """
     with _quiet_pyhessian(seed, objective.device):
-        values, vectors = _pyhessian(objective, operator).eigenvalues(maxIter=100, tol=tol, top_n=top_k)
+        values, vectors = pyhessian_hessian(objective, operator).eigenvalues(maxIter=100, tol=tol, top_n=top_k)
     values = np.asarray(values, dtype=float)
     order = np.argsort(-values, kind="stable")
     flat = torch.stack([operator.flat(vectors[i]) for i in order])
     flat = flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True)
     values = values[order]
-    residuals = torch.linalg.vector_norm(operator(flat) - torch.as_tensor(values).to(flat)[:, None] * flat, dim=1)
-    residuals = residuals.double().cpu().numpy()
+    relative = measured_residuals(operator, values, flat)
     floor = math.sqrt(torch.finfo(operator.dtype).eps) * np.abs(values).max()
-    out = {"top": values, "bottom": np.zeros(0), "top_residuals": residuals / np.abs(values),
-           "bottom_residuals": np.zeros(0), "top_converged": residuals <= tol * np.maximum(np.abs(values), floor),
-           "bottom_converged": np.zeros(0, dtype=bool)}
+    out = {"top": values, "bottom": np.zeros(0), "top_residuals": relative,
+           "bottom_residuals": np.zeros(0), "top_converged": relative * np.abs(values) <= tol * np.maximum(
+               np.abs(values), floor), "bottom_converged": np.zeros(0, dtype=bool)}
     if eigenvectors:
         out["top_vectors"], out["bottom_vectors"] = flat, flat[:0]
     return out
@@ -362,7 +444,7 @@ def pyhessian_trace(objective: Objective, operator: HessianOperator, samples: in
                     seed: int = 0) -> tuple[float, float]:
     """PyHessian's Hutchinson ``trace(maxIter=samples, tol=tol)`` (it may stop early), with our standard error."""
     with _quiet_pyhessian(seed, objective.device):
-        values = np.asarray(_pyhessian(objective, operator).trace(maxIter=samples, tol=tol), dtype=float)
+        values = np.asarray(pyhessian_hessian(objective, operator).trace(maxIter=samples, tol=tol), dtype=float)
     return float(values.mean()), float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else math.nan
 
 
@@ -408,6 +490,7 @@ class HessianResult(Result):
         return "\n".join(lines)
 
 
+@full_float32()
 def hessian_spectrum(objective: Objective, top_k: int = 5, *, bottom_k: int = 0, eigenvectors: bool = False,
                      density: bool = False, trace: bool = False, n_v: int = 4, lanczos_steps: int = 90,
                      tol: float | None = None, params: str | Sequence[str] | None = None, per_block: bool = False,
