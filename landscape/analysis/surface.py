@@ -5,7 +5,8 @@
   towards another checkpoint. They are stored with the result.
 - :class:`PointEvaluator` evaluates many points fast. A private copy of the model holds the
   weights, which are set in place for each point from the objective's base with foreach ops; the
-  evaluation sets stay on the device and run in inference mode. On CPU the first layer's output,
+  evaluation sets stay on the device and run in inference mode. Eval-mode BatchNorm is folded into
+  the layer before it, CPU convolutions run channels-last, and on CPU the first layer's output,
   linear in its weights, is computed once per direction: W(a, b) x = W0 x + a D1 x + b D2 x.
 - :func:`evaluate_points` evaluates any list of grid indices (the unit a sharded run distributes).
   The run loop writes blocks of finished points through :class:`landscape.store.IncrementalGroup`,
