@@ -57,10 +57,11 @@ arch_options = _compose(
 
 
 def eval_options(default_subset: int | None = None, default_bn: str = "eval", default_batch_size: int = 256,
-                 batch_help: str = "Examples per forward pass (does not change the result).") -> Callable[[F], F]:
+                 batch_help: str = "Examples per forward pass (does not change the result).",
+                 splits: tuple[str, ...] = ("train", "test"),
+                 split_help: str = "Which split the evaluation set comes from.") -> Callable[[F], F]:
     return _compose(
-        click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test"]),
-                     help="Which split the evaluation set comes from."),
+        click.option("--split", default="train", show_default=True, type=click.Choice(list(splits)), help=split_help),
         click.option("--subset", default=default_subset, show_default=True, type=click.IntRange(min=1),
                      help="Use a fixed, seeded subset of N examples (recorded in the results)."),
         click.option("--batch-size", default=default_batch_size, show_default=True, type=click.IntRange(min=1),
@@ -96,6 +97,28 @@ def parse_floats(text: str, name: str = "value") -> list[float]:
         raise click.UsageError(f"{name} must be comma-separated numbers, e.g. 0,0.05,0.1; got {text!r}") from None
     if not values:
         raise click.UsageError(f"{name} needs at least one number, e.g. 0,0.05,0.1")
+    return values
+
+
+def parse_grid(text: str, name: str, log: bool = False, example: str = "-1:1:51"):
+    """``LO:HI:N`` (N points, ends included; log-spaced if ``log``) or a comma-separated list -> numpy array."""
+    import numpy as np
+    if ":" not in text:
+        values = np.asarray(parse_floats(text, name))
+    else:
+        parts = text.split(":")
+        try:
+            low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
+        except (ValueError, IndexError):
+            count = 0
+        if len(parts) != 3 or count < 1:
+            raise click.UsageError(f"{name} must be LO:HI:N with N >= 1 or a comma-separated list, e.g. {example}; "
+                                   f"got {text!r}")
+        if log and not (low > 0 and high > 0):
+            raise click.UsageError(f"{name} is log-spaced, so LO and HI must be > 0; got {text!r}")
+        values = np.geomspace(low, high, count) if log else np.linspace(low, high, count)
+    if not np.all(np.isfinite(values)):
+        raise click.UsageError(f"{name} must hold finite numbers; got {text!r}")
     return values
 
 

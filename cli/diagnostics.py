@@ -7,38 +7,27 @@ from pathlib import Path
 from typing import Any
 
 import click
-import numpy as np
-
-from landscape.cli.common import (arch_options, data_option, device_option, eval_options, objective_from_options,
-                                  out_option, overwrite_options, parse_floats, progress, seed_option)
-
-
-def _split_range(text: str, name: str, example: str) -> tuple[float, float, int]:
-    parts = text.split(":")
-    try:
-        low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
-    except (ValueError, IndexError):
-        count = 0
-    if len(parts) != 3 or count < 1:
-        raise click.UsageError(f"{name} must be LO:HI:N with N >= 1 or a comma-separated list, e.g. {example}; "
-                               f"got {text!r}")
-    return low, high, count
-
-
-def parse_grid(text: str, name: str) -> list[float]:
-    """``LO:HI:N`` (N evenly spaced values, ends included) or a comma-separated list."""
-    if ":" not in text:
-        return parse_floats(text, name)
-    low, high, count = _split_range(text, name, "0:1:21")
-    return [float(v) for v in np.linspace(low, high, count)]
+from landscape.cli.common import (
+    arch_options,
+    data_option,
+    device_option,
+    eval_options,
+    objective_from_options,
+    out_option,
+    overwrite_options,
+    parse_floats,
+    parse_grid,
+    progress,
+    seed_option,
+)
 
 
 def parse_bins(text: str) -> list[float]:
     """Histogram edges: ``LO:HI:N`` (N equal bins, N + 1 edges) or a comma-separated list of edges."""
-    if ":" not in text:
-        return parse_floats(text, "--bins")
-    low, high, count = _split_range(text, "--bins", "-8:4:120")
-    return [float(v) for v in np.linspace(low, high, count + 1)]
+    if ":" in text:
+        low, high, count = (text.split(":") + ["", "", ""])[:3]
+        text = f"{low}:{high}:{int(count) + 1 if count.strip().isdigit() else count}"
+    return [float(v) for v in parse_grid(text, "--bins", example="-8:4:120")]
 
 
 _minibatch_options = eval_options(
@@ -150,7 +139,7 @@ def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, d
     if _already_done(out, "cosine", overwrite, resume):
         click.echo(f"{out}: /cosine is complete; nothing to do")
         return
-    rho_values, gamma_values = parse_grid(rhos, "--rhos"), parse_floats(gammas2, "--gammas2")
+    rho_values, gamma_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")], parse_floats(gammas2, "--gammas2")
     objective = objective_from_options(checkpoint, seed=seed, **options)
     result = cosine_stability(objective, rho_values, gamma_values, noise=noise, batches=batches, draws=draws,
                               batch_size=options["batch_size"], bn=options["bn"], pga_steps=pga_steps,
@@ -194,7 +183,7 @@ def ratio(checkpoint: str, rhos: str, perturbation: str, batches: int, bins: str
     if _already_done(out, "ratio", overwrite, resume):
         click.echo(f"{out}: /ratio is complete; nothing to do")
         return
-    rho_values = parse_grid(rhos, "--rhos")
+    rho_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")]
     edges = parse_bins(bins)
     objective = objective_from_options(checkpoint, seed=seed, **options)
     result = gradient_ratio(objective, rho_values, perturbation=perturbation, batches=batches,

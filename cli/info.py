@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import click
-
 from landscape.cli.common import arch_options, echo_registry
+
 from landscape.errors import LandscapeError
 
 CHECKPOINT_FIELDS = ("format", "arch", "arch_kwargs", "dataset", "optimizer", "optimizer_hparams", "metrics",

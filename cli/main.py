@@ -52,6 +52,9 @@ class LazyGroup(click.Group):
         from landscape.errors import LandscapeError
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:  # one line, not click's usage banner
+            command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
+            raise InputError(f"{exc.format_message()} (see `landscape{command} --help`)") from None
         except (click.ClickException, click.exceptions.Exit, click.Abort):
             raise
         except (LandscapeError, ValueError, OSError) as exc:

@@ -8,45 +8,24 @@ from typing import Any
 
 import click
 import numpy as np
+from landscape.cli.common import (
+    arch_options,
+    data_option,
+    device_option,
+    eval_options,
+    objective_from_options,
+    out_option,
+    overwrite_options,
+    parse_grid,
+    progress,
+    seed_option,
+)
 
-from landscape.cli.common import (arch_options, data_option, device_option, eval_options, objective_from_options,
-                                  out_option, overwrite_options, parse_floats, progress, seed_option)
 from landscape.errors import LandscapeError
 
-
-def parse_axis(text: str, name: str, log: bool = False) -> np.ndarray:
-    """``LO:HI:N`` (N points, ends included; log-spaced if ``log``) or a comma-separated list."""
-    if ":" not in text:
-        try:
-            values = np.asarray(parse_floats(text, name))
-        except click.UsageError as error:
-            raise LandscapeError(error.message) from None
-    else:
-        parts = text.split(":")
-        try:
-            low, high, count = float(parts[0]), float(parts[1]), int(parts[2])
-        except (ValueError, IndexError):
-            count = 0
-        if len(parts) != 3 or count < 1:
-            example = "1e-3:10:25" if log else "-1:1:51"
-            raise LandscapeError(f"{name} must be LO:HI:N with N >= 1 or a comma-separated list, e.g. {example}; "
-                                 f"got {text!r}")
-        if log and not (low > 0 and high > 0):
-            raise LandscapeError(f"{name} is log-spaced, so LO and HI must be > 0; got {text!r}")
-        values = np.geomspace(low, high, count) if log else np.linspace(low, high, count)
-    if not np.all(np.isfinite(values)):
-        raise LandscapeError(f"{name} must hold finite numbers; got {text!r}")
-    return values
-
-
-def _with_both_splits(function: Callable) -> Callable:
-    """The shared evaluation options, with ``--split both`` evaluating train and test at the same points."""
-    function = eval_options()(function)
-    for param in function.__click_params__:
-        if param.name == "split":
-            param.type = click.Choice(["train", "test", "both"])
-            param.help = "Which split's loss and accuracy: train, test, or both at the same points."
-    return function
+_with_both_splits = eval_options(
+    splits=("train", "test", "both"),
+    split_help="Which split's loss and accuracy: train, test, or both at the same points.")
 
 
 def _common(function: Callable) -> Callable:
@@ -141,8 +120,8 @@ def surface(checkpoint: str, x_axis: str, y_axis: str, one_d: bool, norm: str, i
     """
     from landscape.analysis.surface import loss_surface
 
-    x = parse_axis(x_axis, "--x")
-    y = None if one_d else parse_axis(y_axis, "--y")
+    x = parse_grid(x_axis, "--x")
+    y = None if one_d else parse_grid(y_axis, "--y")
     if orthogonal and one_d:
         raise LandscapeError("--orthogonal needs two directions; drop --1d or --orthogonal")
     first, test = _objectives(checkpoint, split, seed, options)
@@ -181,7 +160,7 @@ def interpolate(checkpoint_a: str, checkpoint_b: str, alphas: str, move_buffers:
     """
     from landscape.analysis.surface import interpolate as run_interpolation
 
-    values = parse_axis(alphas, "--alphas")
+    values = parse_grid(alphas, "--alphas")
     first, test = _objectives(checkpoint_a, split, seed, options)
     target = _other_checkpoint(checkpoint_b, options)
     result = _run_with_bar("interpolate", "pt", run_interpolation, objective=first, target=target, alphas=values,
@@ -233,8 +212,8 @@ def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: 
     from landscape.analysis.radius import radius_curve
     from landscape.store import list_groups
 
-    values = parse_axis(radii, "--radii", log=True)
-    levels = parse_axis(ratio_levels, "--ratio-levels") if ratio_levels else None
+    values = parse_grid(radii, "--radii", log=True, example="1e-3:10:25")
+    levels = parse_grid(ratio_levels, "--ratio-levels") if ratio_levels else None
     if not overwrite and Path(out).exists() and "radius" in list_groups(out):
         raise LandscapeError(f"{out} already holds /radius; pass --overwrite to replace it or choose another --out")
     objective = objective_from_options(checkpoint, seed=seed, **options)

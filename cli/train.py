@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import ast
-import json
 import re
 from typing import Any
 
 import click
-
-from landscape.cli.common import (device_option, echo_registry, out_option, parse_json_object, progress,
-                                  seed_option)
-from landscape.errors import LandscapeError
+from landscape.cli.common import device_option, echo_registry, out_option, parse_json_object, progress, seed_option
 
 _ASSIGNMENT = re.compile(r"^([A-Za-z_]\w*)=(.*)$")
 

@@ -16,12 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from landscape.analysis.surface import PointEvaluator, plain_provenance
+from landscape.analysis.surface import PointEvaluator
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
 from landscape.optimizers import filterwise_noise, sam_perturbation
 from landscape.params import global_norm
 from landscape.results import Result
+from landscape.store import provenance
 
 DEFAULT_RADII = np.geomspace(1e-3, 10.0, 25)
 
@@ -121,7 +122,7 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
     config = {"radii": radii.tolist(), "draws": draws, "rho_p": rho_p, "bn": objective.bn,
               "ratio_levels": None if ratio_levels is None else [float(v) for v in ratio_levels],
               "dtype": str(objective.dtype).replace("torch.", "")}
-    attrs = {**plain_provenance(config, objective, seed), "loss_base": loss_base, "acc_base": acc_base,
+    attrs = {**provenance(config, objective.provenance(), seed, objective.device), "loss_base": loss_base, "acc_base": acc_base,
              "radius_ratio": ratio, "gradient_norm": float(global_norm(list(gradient.values()))),
              "speedups": evaluator.speedups}
     return RadiusResult(arrays, attrs)

@@ -450,12 +450,6 @@ def _has_conv2d(model: nn.Module) -> bool:
 
 # ---------------------------------------------------------------------------------------------- grid runs
 
-def plain_provenance(config: Mapping[str, Any], objective: Objective, seed: int | None) -> dict[str, Any]:
-    """:func:`landscape.store.provenance` with ``str`` subclasses (``torch.__version__``) made plain for HDF5."""
-    attrs = provenance(config, objective.provenance(), seed, objective.device)
-    return {key: str(value) if isinstance(value, str) else value for key, value in attrs.items()}
-
-
 def evaluate_points(evaluator: PointEvaluator, coordinates: Sequence[np.ndarray],
                     indices: Sequence[tuple[int, ...]]) -> dict[str, np.ndarray]:
     """Values at the grid points ``indices`` (any subset, in any order: the shardable unit)."""
@@ -573,7 +567,7 @@ def _grid(result_type: type[Result], objectives: Mapping[str, Objective], direct
               "checkpoint_sha256": str(first.source.get("checkpoint_sha256", "")),
               "eval_sets": {s: o.source.get("eval_set", {}) for s, o in objectives.items()}}
     evaluator = PointEvaluator(objectives, directions, bn_recompute=bn_recompute, **(evaluator_options or {}))
-    attrs = {**plain_provenance(config, first, seed), **extra, "speedups": evaluator.speedups}
+    attrs = {**provenance(config, first.provenance(), seed, first.device), **extra, "speedups": evaluator.speedups}
     names = [f"{s}_{m}" for s in objectives for m in METRICS]
     shape = tuple(len(axis) for axis in coordinates)
     sink = (IncrementalGroup(out, result_type.group, {n: () for n in names}, shape, attrs, static,
