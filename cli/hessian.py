@@ -73,5 +73,6 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
     result.save(out, overwrite=overwrite)
     click.echo(result.table())
     for warning in caught:
-        click.echo(f"warning: {warning.message}", err=True)
+        if issubclass(warning.category, RuntimeWarning):
+            click.echo(f"warning: {warning.message}", err=True)
     click.echo(f"saved /hessian in {out}")
