@@ -13,7 +13,7 @@ initialisation, BatchNorm on running statistics, float32) and the same evaluatio
   boundary estimate). PyHessian's ``density`` is called too and its failure recorded.
 
     python benchmarks/hessian.py [--quick] [--device cpu|cuda] [--models cnn,resnet18] [--parts hvp,top5,slq]
-                                 [--pyhessian-cap SECONDS] [--tag _x]
+                                 [--pyhessian-cap SECONDS] [--threads N] [--tag _x]
 """
 
 from __future__ import annotations
@@ -223,7 +223,10 @@ def main() -> None:
     parser.add_argument("--parts", default="hvp,top5,slq")
     parser.add_argument("--pyhessian-cap", type=float, default=1800.0, help="seconds before PyHessian's top-5 is cut off")
     parser.add_argument("--tag", default="", help="suffix of the results name, e.g. _cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     parts = args.parts.split(",")
     n_v, steps = (2, 30) if args.quick else SLQ

@@ -84,15 +84,17 @@ class HessianOperator:
         self.record(k)
         return out
 
-    def _first_order(self, x: Tensor, y: Tensor) -> tuple[list[Tensor | None], int]:
-        """The batch loss's gradients with their graph, and the bytes of tensors that graph holds."""
+    def _first_order(self, x: Tensor, y: Tensor, measure: bool = False) -> tuple[list[Tensor | None], int]:
+        """The batch loss's gradients with their graph; with ``measure``, also the bytes that graph holds
+        (counted by saved-tensor hooks, which would slow every later use of the graph: measure on a copy)."""
         held: dict[int, int] = {}
 
         def pack(tensor: Tensor) -> Tensor:
             held[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
             return tensor
 
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t) if measure else contextlib.nullcontext()
+        with torch.enable_grad(), hooks:
             loss = self.objective.batch_loss(dict(zip(self.shapes, self.leaves)), x, y)
             grads = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
         return list(grads), sum(held.values())
@@ -103,11 +105,16 @@ class HessianOperator:
         for index, (x, y, weight) in enumerate(self.objective.batches()):
             if index < len(self.graphs):
                 grads = self.graphs[index]
-            else:
-                grads, size = self._first_order(x, y)
-                if index == len(self.graphs) and self.graph_bytes + size <= self.cache_bytes:
+            elif index > len(self.graphs) or self.graph_bytes >= self.cache_bytes:
+                grads = self._first_order(x, y)[0]
+            else:   # the next batch to cache, if its graph fits
+                grads, size = self._first_order(x, y, measure=True)
+                if self.graph_bytes + size <= self.cache_bytes:
+                    grads = self._first_order(x, y)[0]
                     self.graphs.append(grads)
                     self.graph_bytes += size
+                else:
+                    self.graph_bytes = self.cache_bytes   # full: stop trying
             live = [(g, t) for g, t in zip(grads, tangents) if g is not None and g.requires_grad]
             if not live:
                 continue
