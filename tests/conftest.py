@@ -1,13 +1,20 @@
-"""Shared fixtures: a tiny CIFAR-10/100 pickle tree and the digits dataset."""
+"""Shared fixtures (tiny CIFAR tree, digits, a tiny CNN checkpoint) and the test session's thread setting."""
 
 from __future__ import annotations
 
+import os
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# The test models are tiny: one thread is fastest, and it keeps the suite from slowing down tenfold
+# when the other core of a 2-core CI machine is busy (OpenMP threads wait on each other).
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for subprocesses and notebook kernels
 
 
 @dataclass
