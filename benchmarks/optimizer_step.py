@@ -122,7 +122,8 @@ def main() -> None:
         for row in rows[-len(list_optimizers()):]:
             print(f"{row['setting']:9s} {row['method']:6s} {row['ms_per_step']:9.2f} ms  x{row['ratio']:.2f}"
                   + (f"  amortised x{row['ratio_amortised']:.2f}" if "ratio_amortised" in row else ""))
-    path = write_results("optimizer_step", rows, {"device": str(device), "rounds": rounds, "steps_per_round": inner,
+    name = "optimizer_step" if device.type == "cpu" else f"optimizer_step_{device.type}"
+    path = write_results(name, rows, {"device": str(device), "rounds": rounds, "steps_per_round": inner,
                                                   "batch": 128, "defaults": "registry defaults, base SGD"},
                          columns=["setting", "method", "ms_per_step", "ratio", "ratio_amortised", "refresh_ms",
                                   "goal", "meets_goal"])
