@@ -31,8 +31,8 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import timeit, write_results  # noqa: E402
 
-from landscape.analysis.hessian import (HessianOperator, full_float32, hessian_spectrum, pyhessian_hessian,  # noqa: E402
-                                       slq)
+from landscape.analysis.hessian import (  # noqa: E402
+    HessianOperator, full_float32, hessian_spectrum, pyhessian_hessian, slq)
 from landscape.data import load_dataset  # noqa: E402
 from landscape.models import build_model  # noqa: E402
 from landscape.objective import Objective  # noqa: E402
@@ -91,8 +91,10 @@ def hvp_rows(name: str, model, objective: Objective, repeat: int) -> list[dict]:
     base = timeit(synced(lambda: forward_backward(model, objective)), repeat)
     times = {"forward+backward (loss.backward)": base,
              "HVP ours, one vector (double backward, cached graphs)": timeit(synced(lambda: operator(single)), repeat),
-             "HVP Objective.hvp (forward-over-reverse, torch.func)": timeit(synced(lambda: objective.hvp(vector)), repeat),
-             "HVP Objective.hvp_batched K=4, per vector": timeit(synced(lambda: objective.hvp_batched(block)), repeat) / 4,
+             "HVP Objective.hvp (forward-over-reverse, torch.func)":
+                 timeit(synced(lambda: objective.hvp(vector)), repeat),
+             "HVP Objective.hvp_batched K=4, per vector":
+                 timeit(synced(lambda: objective.hvp_batched(block)), repeat) / 4,
              "HVP PyHessian (double backward)": timeit(synced(lambda: pyhessian.dataloader_hv_product(flat)), repeat)}
     note = f"{len(operator.graphs)} of {-(-objective.num_examples // objective.batch_size)} batch graphs cached, " \
            f"{operator.graph_bytes / 2**20:.0f} MiB"
@@ -134,8 +136,9 @@ def top5_rows(name: str, model, objective: Objective, double: Objective, cap: fl
     result = synced(lambda: hessian_spectrum(objective, 5, tol=TOL))()
     ours_time = time.perf_counter() - start
     rows.append({"model": name, "part": "top5", "method": f"ours: thick-restart Lanczos tol={TOL:g}",
-                 "time_s": ours_time, "hvps": result["hvp_count"], "rel_err": relative_error(result["eigenvalues"], reference),
-                 "ratio": 1.0, "note": f"converged={result['all_converged']}, max measured residual {max(result['residuals']):.1e} "
+                 "time_s": ours_time, "hvps": result["hvp_count"],
+                 "rel_err": relative_error(result["eigenvalues"], reference), "ratio": 1.0,
+                 "note": f"converged={result['all_converged']}, max measured residual {max(result['residuals']):.1e} "
                          "(HVPs include 5 measuring the residuals)"})
 
     for tol, what in ((1e-3, "defaults (maxIter=100, tol=1e-3)"), (1e-6, "tol=1e-6 (maxIter=100)")):
@@ -146,10 +149,11 @@ def top5_rows(name: str, model, objective: Objective, double: Objective, cap: fl
     data = [(x, y) for x, y, _ in objective.batches()]
     counter = [0]
     started = time.perf_counter()
-    linear = HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), params, data, check_deterministic=False).to_scipy()
+    linear = HessianLinearOperator(model, torch.nn.CrossEntropyLoss(), params, data,
+                                   check_deterministic=False).to_scipy()
     scipy_operator = counted_scipy(lambda x: linear @ x, linear.shape[0], counter)
-    values = eigsh(scipy_operator, k=5, which="LA", tol=TOL, v0=np.random.default_rng(0).standard_normal(linear.shape[0]),
-                   return_eigenvectors=False)
+    values = eigsh(scipy_operator, k=5, which="LA", tol=TOL, return_eigenvectors=False,
+                   v0=np.random.default_rng(0).standard_normal(linear.shape[0]))
     seconds = time.perf_counter() - started
     rows.append({"model": name, "part": "top5", "method": f"curvlinops HessianLinearOperator + eigsh tol={TOL:g}",
                  "time_s": seconds, "hvps": counter[0], "rel_err": relative_error(values, reference),
@@ -190,7 +194,8 @@ def slq_rows(name: str, model, objective: Objective, n_v: int, steps: int) -> li
     synced(lambda: slq(operator, n_v, steps))()
     ours = time.perf_counter() - start
     rows = [{"model": name, "part": "slq", "method": f"ours: {n_v} runs x {steps} steps, lockstep, full reorth.",
-             "time_s": ours, "hvps": operator.count, "ratio": 1.0, "note": f"{operator.count // operator.batch} data passes"}]
+             "time_s": ours, "hvps": operator.count, "ratio": 1.0,
+             "note": f"{operator.count // operator.batch} data passes"}]
 
     from curvlinops import HessianLinearOperator, lanczos_approximate_spectrum
     params = [p for p in model.parameters() if p.requires_grad]
@@ -228,7 +233,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--models", default="cnn,resnet18")
     parser.add_argument("--parts", default="hvp,top5,slq")
-    parser.add_argument("--pyhessian-cap", type=float, default=1800.0, help="seconds before PyHessian's top-5 is cut off")
+    parser.add_argument("--pyhessian-cap", type=float, default=1800.0,
+                        help="seconds before PyHessian's top-5 is cut off")
     parser.add_argument("--tag", default="", help="suffix of the results name, e.g. _cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     args = parser.parse_args()
@@ -253,8 +259,9 @@ def main() -> None:
         for row in rows:
             if row["model"] == name:
                 print({k: v for k, v in row.items() if k != "model"}, flush=True)
-    meta = {"device": str(device), "quick": args.quick, "examples": {m: EXAMPLES[m][1 if args.quick else 0]
-            for m in args.models.split(",")}, "batch_size": 256, "dtype": "float32", "tol": TOL, "slq": f"{n_v}x{steps}",
+    sizes = {m: EXAMPLES[m][1 if args.quick else 0] for m in args.models.split(",")}
+    meta = {"device": str(device), "quick": args.quick, "examples": sizes, "batch_size": 256, "dtype": "float32",
+            "tol": TOL, "slq": f"{n_v}x{steps}",
             "pyhessian_cap_s": args.pyhessian_cap, "ratio": "time / forward+backward (hvp) or time / ours (top5, slq)"}
     path = write_results(f"hessian{'_quick' if args.quick else ''}{args.tag}", rows, meta,
                          columns=["model", "part", "method", "time_s", "hvps", "rel_err", "ratio", "note"])

@@ -60,7 +60,8 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
 
     if Path(out).exists() and HessianResult.group in list_groups(out) and not overwrite:
         if not resume:
-            raise LandscapeError(f"{out} already holds /hessian; pass --overwrite to replace it or choose another --out")
+            raise LandscapeError(f"{out} already holds /hessian; pass --overwrite to replace it "
+                                 "or choose another --out")
         click.echo(HessianResult.load(out).table())
         return
     objective = objective_from_options(checkpoint, seed=seed, **options)

@@ -332,7 +332,8 @@ def test_cli_prints_table_and_saves(checkpoint, tmp_path):
 
 
 def test_cli_flags_unconverged_pairs(checkpoint, tmp_path):
-    result = invoke(checkpoint, "--top-k", 3, "--subset", 32, "--max-hvps", 4, "--tol", 1e-9, "--out", tmp_path / "u.h5")
+    result = invoke(checkpoint, "--top-k", 3, "--subset", 32, "--max-hvps", 4, "--tol", 1e-9,
+                    "--out", tmp_path / "u.h5")
     assert result.exit_code == 0, result.output
     assert "NO" in result.output and "warning: some Hessian eigenpairs did not reach tol=1e-09" in result.output
     assert "DeprecationWarning" not in result.output

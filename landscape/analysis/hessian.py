@@ -350,7 +350,7 @@ def broadened_density(nodes: np.ndarray, weights: np.ndarray,
     if not sigma > 0:
         raise LandscapeError(f"density sigma must be positive, got {sigma}; omit it for the default")
     step = sigma / GRID_PER_SIGMA
-    count = int(math.ceil((high - low + 2 * GRID_TAILS * sigma) / step)) + 1
+    count = math.ceil((high - low + 2 * GRID_TAILS * sigma) / step) + 1
     if count > MAX_GRID:
         raise LandscapeError(f"density sigma {sigma:.3g} is too small for a spectrum {high - low:.3g} wide "
                              f"({count} grid points); use at least {(high - low) / (MAX_GRID / GRID_PER_SIGMA):.3g}")
@@ -624,8 +624,8 @@ def _validate(objective: Objective, config: dict[str, Any]) -> None:
         (config["trace_method"] in TRACE_METHODS,
          f"unknown trace method {config['trace_method']!r}; use {' or '.join(TRACE_METHODS)}"),
         (top_k >= 0 and bottom_k >= 0, f"top_k and bottom_k must be >= 0, got {top_k} and {bottom_k}"),
-        (top_k + bottom_k <= dim, f"asked for {top_k + bottom_k} eigenvalues of a {dim}x{dim} Hessian; "
-                                  f"ask for at most {dim}"),
+        (top_k + bottom_k <= dim,
+         f"asked for {top_k + bottom_k} eigenvalues of a {dim}x{dim} Hessian; ask for at most {dim}"),
         (bool(top_k or bottom_k or config["density"] or config["trace"]),
          "nothing to compute; ask for top_k/bottom_k eigenvalues, the density or the trace"),
         (0 < config["tol"] < 1, f"tol must be in (0, 1), got {config['tol']}"),
@@ -636,8 +636,8 @@ def _validate(objective: Objective, config: dict[str, Any]) -> None:
         (config["max_hvps"] >= 1, f"max_hvps must be >= 1, got {config['max_hvps']}"),
         (config["hvp_batch"] >= 1, f"hvp_batch must be >= 1, got {config['hvp_batch']}"),
         (not (config["per_block"] and top_k == 0), "per_block needs top_k >= 1"),
-        (not (backend == "pyhessian" and bottom_k), "the pyhessian backend has no smallest eigenvalues; "
-                                                    "use backend='landscape' for bottom_k"),
+        (not (backend == "pyhessian" and bottom_k),
+         "the pyhessian backend has no smallest eigenvalues; use backend='landscape' for bottom_k"),
     ]
     for ok, message in checks:
         if not ok:
