@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import math
 
+import clitools
 import h5py
 import numpy as np
 import pytest
@@ -297,23 +298,9 @@ def test_bad_input_raises_one_line_landscape_error(kwargs, message, data):
     assert "\n" not in str(info.value)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    from landscape.checkpoint import save_checkpoint
-
-    torch.manual_seed(0)
-    kwargs = {"num_classes": 10, "input_shape": (1, 8, 8), "width": 2}
-    path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
-    save_checkpoint(path, build_model("cnn", **kwargs), arch="cnn", arch_kwargs=kwargs, dataset="digits",
-                    optimizer="sgd", optimizer_hparams={}, metrics={}, seed=0)
-    return path
-
-
-def invoke(*args: str):
-    from click.testing import CliRunner
-
-    from landscape.cli.main import cli
-    return CliRunner().invoke(cli, ["hessian", *map(str, args)])
+def invoke(*args):
+    """``landscape hessian ARGS...`` (the tiny cnn ``checkpoint`` fixture comes from conftest)."""
+    return clitools.invoke("hessian", *args)
 
 
 def test_cli_prints_table_and_saves(checkpoint, tmp_path):
