@@ -185,9 +185,9 @@ def _read(path: Path, trust: bool, map_location) -> object:
 
 def _unreadable(path: Path, error: Exception) -> LandscapeError:
     """Error for a corrupt, truncated or unrelated file."""
-    reason = str(error).splitlines()[0][:160] if str(error) else ""
-    return LandscapeError(f"cannot read checkpoint '{path}' ({type(error).__name__}: {reason}); the file is "
-                          "corrupt, truncated or not a PyTorch/safetensors checkpoint — re-save or re-download it")
+    # torch's own messages run to paragraphs of advice about weights_only; keep only the error type
+    return LandscapeError(f"cannot read checkpoint '{path}' ({type(error).__name__}); the file is corrupt, "
+                          "truncated or not a PyTorch/safetensors checkpoint: re-save or re-download it")
 
 
 def _is_torchscript(path: Path) -> bool:
