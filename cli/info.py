@@ -80,7 +80,7 @@ def info(file: str, arch: str | None, arch_kwargs: dict | None, trust: bool, as_
 
     if not Path(file).is_file():
         raise LandscapeError(f"'{file}' not found; check the path")
-    if h5py.is_hdf5(file):
+    if h5py.is_hdf5(file) or Path(file).suffix in (".h5", ".hdf5"):  # a corrupt .h5 gets the store's message
         summary = results_summary(file)
     else:
         summary = checkpoint_summary(file, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
