@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
@@ -193,33 +192,30 @@ def interpolate(checkpoint_a: str, checkpoint_b: str, alphas: str, move_buffers:
 @device_option
 @seed_option
 @out_option("landscape.h5")
-@click.option("--overwrite", is_flag=True, default=False, help="Replace an existing /radius group.")
+@overwrite_options
 def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: str | None, out: str,
-           overwrite: bool, seed: int, **options: Any) -> None:
+           overwrite: bool, resume: bool, seed: int, **options: Any) -> None:
     """Perturbed loss versus radius: adversarial (AWP, SAM's direction) against random (RWP) weight perturbations.
 
     AWP: L(w + r ε/‖ε‖) with ε SAM's ascent at the full-set gradient. RWP: mean ± std of
     L(w + r ξ/‖ξ‖) over --draws filter-wise noise draws (RWP's noise). Prints the RWP/AWP radius
-    ratio needed for the same loss increase (the RWP paper finds about 100×). Writes /radius of --out.
+    ratio needed for the same loss increase (the RWP paper finds about 100×). Writes /radius of --out
+    point by point; a killed run continues with --resume.
 
     \b
     Examples:
       landscape radius runs/sgd.pt --out runs/sgd.h5
-      landscape radius runs/sgd.pt --radii 1e-2:100:31 --draws 20 --subset 1000
+      landscape radius runs/sgd.pt --radii 1e-2:100:31 --draws 20 --subset 1000 --resume
     Python:
       landscape.radius_curve(landscape.load_objective("runs/sgd.pt")).save("runs/sgd.h5")
     """
     from landscape.analysis.radius import radius_curve
-    from landscape.store import list_groups
 
     values = parse_grid(radii, "--radii", log=True, example="1e-3:10:25")
     levels = parse_grid(ratio_levels, "--ratio-levels") if ratio_levels else None
-    if not overwrite and Path(out).exists() and "radius" in list_groups(out):
-        raise LandscapeError(f"{out} already holds /radius; pass --overwrite to replace it or choose another --out")
     objective = objective_from_options(checkpoint, seed=seed, **options)
-    result = _run_with_bar("radius", "radius", radius_curve, objective=objective, radii=values, draws=draws,
-                           rho_p=rho_p, seed=seed, ratio_levels=levels)
-    result.save(out, overwrite=overwrite)
+    result = _run_with_bar("radius", "point", radius_curve, objective=objective, radii=values, draws=draws,
+                           rho_p=rho_p, seed=seed, ratio_levels=levels, out=out, resume=resume, overwrite=overwrite)
     a = result.arrays
     click.echo(f"{'radius':>10}  {'L_AWP':>10}  {'L_RWP (mean ± std)':>22}")
     for r, awp, rwp, std in zip(a["radii"], a["loss_awp"], a["loss_rwp"], a["loss_rwp_std"]):

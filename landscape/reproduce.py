@@ -108,7 +108,7 @@ def reproduce(out_dir: str | Path = "runs/reproduce", optimizers: Sequence[str] 
             loss_surface(objective, axis, axis, seed=seed, out=results, resume=True)
         if "radius" not in done:
             log(f"[{name}] perturbed loss versus radius")
-            radius_curve(objective, radii, draws=settings.radius_draws, seed=seed).save(results)
+            radius_curve(objective, radii, draws=settings.radius_draws, seed=seed, out=results, resume=True)
         if name in DIAGNOSED:
             diagnostics = load_objective(str(checkpoint), subset=settings.subset, subset_seed=seed, bn="train",
                                          device=device)

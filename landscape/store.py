@@ -16,7 +16,7 @@ import json
 import os
 import platform
 import shutil
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -246,3 +246,30 @@ class IncrementalGroup:
     def close(self) -> None:
         if not self.complete and self.handle.id.valid:
             self.handle.close()
+
+
+class MemoryGroup:
+    """In-memory stand-in for :class:`IncrementalGroup` when no output file is given."""
+
+    def __init__(self, datasets: Sequence[str], unit_shape: tuple[int, ...], static: Mapping[str, Any]) -> None:
+        self.unit_shape = tuple(unit_shape)
+        self.values = {name: np.full(unit_shape, np.nan) for name in datasets}
+        self.done = np.zeros(unit_shape, dtype=bool)
+        self.static = dict(static)
+
+    def pending(self) -> list[tuple[int, ...]]:
+        return [tuple(int(i) for i in index) for index in np.argwhere(~self.done)]
+
+    def write(self, index: tuple, values: Mapping[str, Any]) -> None:
+        for name, value in values.items():
+            self.values[name][index] = value
+        self.done[index] = True
+
+    def arrays(self) -> dict[str, Any]:
+        return {**self.static, **self.values, "done": self.done.copy()}
+
+    def finalize(self) -> None:
+        """Nothing to move: the values are already in memory."""
+
+    def close(self) -> None:
+        """Nothing to release."""

@@ -86,11 +86,13 @@ def test_filter_normalised_directions_have_the_weights_filter_norms():
     assert abs(dot) < 1e-10 * sum(float(x[n].norm() * y[n].norm()) for n in params)
 
 
-PLAIN = {"fold_batchnorm": False, "channels_last": False, "linear_first_layer": False}
+PLAIN = {"fold_batchnorm": False, "channels_last": False, "linear_first_layer": False, "stack_points": False}
 FAST = dict.fromkeys(PLAIN, True)
+STACKED = {**PLAIN, "stack_points": 4}  # stacked points without the first-layer cache, 15 points in 4 groups
 
 
-@pytest.mark.parametrize("name,options", [("mlp", PLAIN), ("mlp", FAST), ("cnn", PLAIN), ("cnn", FAST)])
+@pytest.mark.parametrize("name,options", [("mlp", PLAIN), ("mlp", FAST), ("mlp", STACKED), ("cnn", PLAIN),
+                                          ("cnn", FAST)])
 def test_surface_equals_hand_built_perturbed_models_on_a_non_square_grid(data, name, options):
     x, y = data
     model = make_model(name)
@@ -100,6 +102,7 @@ def test_surface_equals_hand_built_perturbed_models_on_a_non_square_grid(data, n
     used = result.attrs["speedups"]
     assert used["linear_first_layer"] == options["linear_first_layer"]
     assert (used["fold_batchnorm"] == 3, used["channels_last"]) == ((name == "cnn" and options is FAST),) * 2
+    assert (used["stack_points"] > 1) == (name == "mlp" and options is not PLAIN), "only Linear layers move: stacked"
     assert result["train_loss"].shape == (5, 3) and result["train_acc"].shape == (5, 3) and result["done"].all()
     d1, d2 = surface_directions(objective.params, seed=3)
     expected = np.array([[plain_metrics(perturbed(model, {n: a * d1[n] + b * d2[n] for n in d1}), x, y)
@@ -117,7 +120,8 @@ def test_automatic_speedups_agree_with_the_plain_path_in_float32(data):
     objective = Objective(make_model("cnn"), x.float(), y, batch_size=64)
     fast = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4)
     plain = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4, evaluator_options=PLAIN)
-    assert fast.attrs["speedups"] == {"fold_batchnorm": 3, "channels_last": True, "linear_first_layer": True}
+    assert fast.attrs["speedups"] == {"fold_batchnorm": 3, "channels_last": True, "linear_first_layer": True,
+                                      "stack_points": 1}
     assert_close(fast["train_loss"], plain["train_loss"], 1e-5, "float32 loss with and without speed-ups")
 
 

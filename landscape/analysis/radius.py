@@ -10,13 +10,14 @@ two curves (the RWP paper's Fig. 1 finds about 100×).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from landscape.analysis.surface import PointEvaluator
+from landscape.analysis.surface import PointEvaluator, run_group
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
 from landscape.optimizers import filterwise_noise, sam_perturbation
@@ -30,7 +31,8 @@ DEFAULT_RADII = np.geomspace(1e-3, 10.0, 25)
 class RadiusResult(Result):
     """``/radius``: ``radii``; ``loss_awp``, ``acc_awp``; ``loss_rwp`` ± ``loss_rwp_std``, ``acc_rwp``,
     ``loss_rwp_draws`` (radii × draws); ``ratio_levels`` (loss increases) and ``ratio_values`` (RWP/AWP
-    radius at each, see :func:`radius_ratio`); attributes ``loss_base``, ``acc_base``, ``radius_ratio`` (geometric mean)."""
+    radius at each, see :func:`radius_ratio`); the raw ``eval_loss``, ``eval_acc`` (radii × [AWP,
+    draw 1..n]) and ``done``; attributes ``loss_base``, ``acc_base``, ``radius_ratio`` (geometric mean)."""
 
     group = "radius"
 
@@ -78,8 +80,9 @@ def radius_ratio(radii: np.ndarray, loss_awp: np.ndarray, loss_rwp: np.ndarray, 
 
 def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int = 10, rho_p: float = 2.0,
                  seed: int = 0, ratio_levels: Sequence[float] | None = None,
-                 evaluator_options: Mapping[str, Any] | None = None,
-                 progress: Callable[[int, int], None] | None = None) -> RadiusResult:
+                 evaluator_options: Mapping[str, Any] | None = None, out: str | Path | None = None,
+                 resume: bool = False, overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
+                 flush_seconds: float = 1.0) -> RadiusResult:
     """Adversarial and random perturbed loss at each radius (see the module docstring).
 
     Args:
@@ -90,7 +93,11 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
         seed: seed of the random directions.
         ratio_levels: loss increases (nats) at which to compare radii (see :func:`radius_ratio`).
         evaluator_options: speed-up switches of :class:`PointEvaluator` (same values up to rounding).
-        progress: called as ``progress(radii_done, radii_total)``.
+        out, resume, overwrite: write ``/radius`` of this HDF5 file incrementally, one (radius,
+            direction) point at a time (``eval_loss``, ``eval_acc``: radii × [AWP, draw 1..n]);
+            ``resume`` continues an interrupted run (same options required), ``overwrite`` starts over.
+        progress: called as ``progress(points_done, points_total)``; there are len(radii) × (draws + 1) points.
+        flush_seconds: finished points are written at least this often.
     """
     radii = np.asarray(radii, dtype=np.float64).reshape(-1)
     if radii.size == 0 or not np.all(np.isfinite(radii) & (radii > 0)):
@@ -106,23 +113,30 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
     evaluator = PointEvaluator({"eval": objective}, [dict(zip(names, d)) for d in [awp, *noise]],
                                **(evaluator_options or {}))
     base = evaluator.evaluate([[0.0] * (draws + 1)])
-    loss = np.empty((len(radii), draws + 1))
-    acc = np.empty((len(radii), draws + 1))
-    for i, r in enumerate(radii):
-        values = evaluator.evaluate([[r if k == j else 0.0 for k in range(draws + 1)] for j in range(draws + 1)])
-        loss[i], acc[i] = values["eval_loss"], values["eval_acc"]
-        if progress is not None:
-            progress(i + 1, len(radii))
-    ddof = 1 if draws > 1 else 0
     loss_base, acc_base = float(base["eval_loss"][0]), float(base["eval_acc"][0])
-    levels, ratios, ratio = radius_ratio(radii, loss[:, 0], loss[:, 1:].mean(1), loss_base, ratio_levels)
-    arrays = {"radii": radii, "loss_awp": loss[:, 0], "acc_awp": acc[:, 0], "loss_rwp": loss[:, 1:].mean(1),
-              "loss_rwp_std": loss[:, 1:].std(1, ddof=ddof), "acc_rwp": acc[:, 1:].mean(1),
-              "loss_rwp_draws": loss[:, 1:], "ratio_levels": levels, "ratio_values": ratios}
     config = {"radii": radii.tolist(), "draws": draws, "rho_p": rho_p, "bn": objective.bn,
               "ratio_levels": None if ratio_levels is None else [float(v) for v in ratio_levels],
-              "dtype": str(objective.dtype).replace("torch.", "")}
-    attrs = {**provenance(config, objective.provenance(), seed, objective.device), "loss_base": loss_base, "acc_base": acc_base,
-             "radius_ratio": ratio, "gradient_norm": float(global_norm(list(gradient.values()))),
+              "dtype": str(objective.dtype).replace("torch.", ""),
+              "checkpoint_sha256": str(objective.source.get("checkpoint_sha256", "")),
+              "eval_set": objective.source.get("eval_set", {})}
+    attrs = {**provenance(config, objective.provenance(), seed, objective.device), "loss_base": loss_base,
+             "acc_base": acc_base, "gradient_norm": float(global_norm(list(gradient.values()))),
              "speedups": evaluator.speedups}
-    return RadiusResult(arrays, attrs)
+
+    def point(index: tuple[int, ...]) -> list[float]:
+        radius, direction = index
+        return [float(radii[radius]) if k == direction else 0.0 for k in range(draws + 1)]
+
+    points = run_group(out, RadiusResult.group, ["eval_loss", "eval_acc"], (len(radii), draws + 1), attrs,
+                       {"radii": radii}, evaluator, point, resume=resume, overwrite=overwrite, progress=progress,
+                       flush_seconds=flush_seconds)
+    loss, acc = points["eval_loss"], points["eval_acc"]
+    levels, ratios, ratio = radius_ratio(radii, loss[:, 0], loss[:, 1:].mean(1), loss_base, ratio_levels)
+    arrays = {"radii": radii, "eval_loss": loss, "eval_acc": acc, "done": points["done"],
+              "loss_awp": loss[:, 0], "acc_awp": acc[:, 0], "loss_rwp": loss[:, 1:].mean(1),
+              "loss_rwp_std": loss[:, 1:].std(1, ddof=1 if draws > 1 else 0), "acc_rwp": acc[:, 1:].mean(1),
+              "loss_rwp_draws": loss[:, 1:], "ratio_levels": levels, "ratio_values": ratios}
+    result = RadiusResult(arrays, {**attrs, "radius_ratio": ratio})
+    if out is not None:  # the complete group, with the curves derived from the points, replaces the raw one
+        result.save(out, overwrite=True)
+    return result

@@ -8,9 +8,11 @@
   evaluation sets stay on the device and run in inference mode. Eval-mode BatchNorm is folded into
   the layer before it, CPU convolutions run channels-last, and on CPU the first layer's output,
   linear in its weights, is computed once per direction: W(a, b) x = W0 x + a D1 x + b D2 x.
+  When every moving weight sits in a Linear layer (an MLP), many points share one forward: the
+  batch is stacked once per point and each Linear applies its own weights to its block (bmm).
 - :func:`evaluate_points` evaluates any list of grid indices (the unit a sharded run distributes).
-  The run loop writes blocks of finished points through :class:`landscape.store.IncrementalGroup`,
-  so a killed run resumes with no finished point lost and none recomputed.
+  :func:`run_group` writes blocks of finished points through :class:`landscape.store.IncrementalGroup`,
+  so a killed run resumes with no finished point lost and none recomputed (``landscape radius`` uses it too).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
@@ -34,11 +37,14 @@ from landscape.errors import LandscapeError
 from landscape.objective import Objective, accuracy_count, batchnorm_mode
 from landscape.params import difference, flatten, global_norm, orthogonalize, random_direction, unflatten
 from landscape.results import Result
-from landscape.store import IncrementalGroup, provenance, read_group
+from landscape.store import IncrementalGroup, MemoryGroup, provenance, read_group
 
 DEFAULT_AXIS = np.linspace(-1.0, 1.0, 51)
 DEFAULT_ALPHAS = np.linspace(-0.5, 1.5, 41)
 FIRST_LAYER_BUDGET = 512 * 2**20  # bytes of cached first-layer outputs the automatic choice allows
+STACK_ROWS = 2**16  # input rows of one stacked forward (points x batch rows) the automatic choice allows
+STACK_BUDGET = 256 * 2**20  # bytes of per-point Linear weights one stacked forward may build
+MAX_STACK = 64  # points per stacked forward at most
 METRICS = ("loss", "acc")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 _FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -179,24 +185,59 @@ class _CachedFirstLayer(nn.Module):
     """Stands in for a Linear/Conv first layer: W0 x + Σ_i c_i D_i x from outputs computed once.
 
     ``key = (split, batch)`` and ``coefficients`` are set by the evaluator before each forward; the
-    input must be that batch's first-layer input or a prefix of it (the rows returned).
+    input must be that batch's first-layer input or a prefix of it (the rows returned). Coefficients
+    as a (P, k) tensor give P stacked blocks of rows, one per point.
+
+    Args:
+        base: ``{split: [W0 x per batch]}``, each (rows, ...).
+        steps: ``{split: [D x per batch]}``, each (len(columns), rows, ...).
+        columns: the directions (coefficient positions) that move this layer.
     """
 
-    def __init__(self, base: dict[str, list[Tensor]], directions: dict[str, list[list[Tensor] | None]]) -> None:
+    def __init__(self, base: dict[str, list[Tensor]], steps: dict[str, list[Tensor]], columns: list[int]) -> None:
         super().__init__()
-        self.base, self.dirs = base, directions
+        self.base, self.steps, self.columns = base, steps, columns
         self.key: tuple[str, int] = ("", 0)
-        self.coefficients: Sequence[float] = ()
+        self.coefficients: Sequence[float] | Tensor = ()
 
     def forward(self, x: Tensor) -> Tensor:
         split, batch = self.key
         rows = len(x)
-        base, out = self.base[split][batch][:rows], None
-        for c, outputs in zip(self.coefficients, self.dirs[split]):
-            if c != 0.0 and outputs is not None:
-                step = outputs[batch][:rows]
-                out = torch.add(base, step, alpha=c) if out is None else out.add_(step, alpha=c)
+        base, steps, c = self.base[split][batch][:rows], self.steps[split][batch][:, :rows], self.coefficients
+        if isinstance(c, Tensor):
+            out = torch.addmm(base.reshape(1, -1), c[:, self.columns], steps.reshape(len(self.columns), base.numel()))
+            return out.view(-1, *base.shape[1:])
+        out = None
+        for column, step in zip(self.columns, steps):
+            if c[column] != 0.0:
+                out = torch.add(base, step, alpha=c[column]) if out is None else out.add_(step, alpha=c[column])
         return base.clone() if out is None else out
+
+
+class _StackedLinear(nn.Module):
+    """Stands in for a Linear layer whose weights move, for P points in one call.
+
+    The input rows come as P equal blocks; block p sees the weights base + Σ_i c_pi D_i with
+    ``coefficients`` (a (P, k) tensor) set by the evaluator before each forward.
+    """
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, weight_directions: Tensor,
+                 bias_directions: Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = weight, bias  # (out, in), (out,)
+        self.weight_directions, self.bias_directions = weight_directions, bias_directions  # (k, out, in), (k, out)
+        self.coefficients = torch.zeros(1, len(weight_directions), dtype=weight.dtype, device=weight.device)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.coefficients
+        weight = self.weight + torch.tensordot(c, self.weight_directions, 1)  # (P, out, in)
+        blocks = x.reshape(len(c), -1, x.shape[-1])
+        if self.bias is None:
+            out = torch.bmm(blocks, weight.transpose(1, 2))
+        else:
+            bias = self.bias + c @ self.bias_directions if self.bias_directions is not None else self.bias.expand(len(c), -1)
+            out = torch.baddbmm(bias.unsqueeze(1), blocks, weight.transpose(1, 2))
+        return out.reshape(*x.shape[:-1], -1)
 
 
 class PointEvaluator:
@@ -213,9 +254,14 @@ class PointEvaluator:
     - ``linear_first_layer``: the first layer's output is linear in its weights, so W0 x and each
       D_i x are computed once and combined per point. ``None``: on CPU when the cache fits
       :data:`FIRST_LAYER_BUDGET`.
+    - ``stack_points``: points per forward when only Linear layers (and the cached first layer)
+      own moving tensors: the batch is stacked once per point and each Linear multiplies its block
+      by that point's weights. ``None``/``True``: as many as :data:`STACK_ROWS`,
+      :data:`STACK_BUDGET` and :data:`MAX_STACK` allow (without ``bn_recompute``); an int: that many;
+      ``False``: one point per forward. Batch-statistics BatchNorm rules it out.
 
-    The optimised copy is checked against the plain one at a generic point on a few examples; on a
-    mismatch (an unusual model) every speed-up is dropped. ``self.speedups`` says what is used.
+    The optimised copy is checked against the plain one at two generic points on a few examples; on
+    a mismatch (an unusual model) every speed-up is dropped. ``self.speedups`` says what is used.
 
     Args:
         objectives: ``{split: Objective}``. The first supplies the base weights and buffers; all
@@ -230,7 +276,7 @@ class PointEvaluator:
 
     def __init__(self, objectives: Mapping[str, Objective], directions: Sequence[Mapping[str, Tensor]], *,
                  bn_recompute: bool = False, fold_batchnorm: bool | None = None, channels_last: bool | None = None,
-                 linear_first_layer: bool | None = None) -> None:
+                 linear_first_layer: bool | None = None, stack_points: bool | int | None = None) -> None:
         self.objectives = dict(objectives)
         first = next(iter(self.objectives.values()))
         self.primary, self.bn, self.device = next(iter(self.objectives)), first.bn, first.device
@@ -247,7 +293,8 @@ class PointEvaluator:
         on_cpu = self.device.type == "cpu"
         wanted = {"fold_batchnorm": (fold_batchnorm is not False) and self.bn == "eval" and not bn_recompute,
                   "channels_last": channels_last if channels_last is not None else on_cpu,
-                  "linear_first_layer": linear_first_layer if linear_first_layer is not None else on_cpu}
+                  "linear_first_layer": linear_first_layer if linear_first_layer is not None else on_cpu,
+                  "stack_points": (not bn_recompute) if stack_points is None else stack_points}
         budget = math.inf if linear_first_layer else FIRST_LAYER_BUDGET
         plain = dict.fromkeys(wanted, False)
         with torch.no_grad():
@@ -291,10 +338,13 @@ class PointEvaluator:
         self.batches = {split: [(self._arrange(x), y, w) for x, y, w in o.batches()]
                         for split, o in self.objectives.items()}
         self.cache: _CachedFirstLayer | None = None
+        self._stacked: list[_StackedLinear] = []
         folded = self._fold_batchnorm() if wanted["fold_batchnorm"] else 0
         self._move(())  # the (folded) base
         self.speedups = {"fold_batchnorm": folded, "channels_last": self._layout is not None,
                          "linear_first_layer": bool(wanted["linear_first_layer"]) and self._install_cache(budget)}
+        self.stack = self._install_stacking(wanted["stack_points"])
+        self.speedups["stack_points"] = self.stack
 
     def _arrange(self, x: Tensor) -> Tensor:
         return x.contiguous(memory_format=self._layout) if self._layout is not None and x.ndim == 4 else x
@@ -308,13 +358,17 @@ class PointEvaluator:
         return previous
 
     def _probe(self) -> Tensor:
-        """Outputs on a few examples at a generic point (for checking the speed-ups)."""
-        point = [0.37 * (-1.6) ** i for i in range(len(self.directions))]
-        self._move(point)
-        self._select(self.primary, 0, point)
-        out = self.work(self.batches[self.primary][0][0][:8])
+        """Outputs (2, 8, ...) on a few examples at two generic points (for checking the speed-ups)."""
+        points = [[0.37 * (-1.6) ** i * scale for i in range(len(self.directions))] for scale in (1.0, -0.55)]
+        x = self.batches[self.primary][0][0][:8]
+        if self.stack > 1:
+            return self._forward(self.primary, 0, x, self._stacked_coefficients(points))
+        outputs = []
+        for point in points:
+            self._move(point)
+            outputs.append(self._forward(self.primary, 0, x, point))
         self._move(())
-        return out
+        return torch.cat(outputs)
 
     @staticmethod
     def _matches(candidate: Tensor, reference: Tensor) -> bool:
@@ -365,15 +419,54 @@ class PointEvaluator:
         examples = sum(o.num_examples for o in self.objectives.values())
         if not path or per_example * examples * (1 + sum(1 for m in moving if m)) > budget:
             return False
+        columns = [i for i, m in enumerate(moving) if m]
         base: dict[str, list[Tensor]] = {}
-        dirs: dict[str, list[list[Tensor] | None]] = {}
+        steps: dict[str, list[Tensor]] = {}
         for split, batches in self.batches.items():
             inputs = [_first_parametric_call(self.work, x)[1] for x, _, _ in batches]
             base[split] = [layer(x) for x in inputs]
-            dirs[split] = [[functional_call(layer, m, (x,)) for x in inputs] if m else None for m in moving]
-        self.cache = _CachedFirstLayer(base, dirs)
+            steps[split] = [torch.stack([functional_call(layer, moving[i], (x,)) for i in columns])
+                            if columns else layer(x).new_zeros(0, *base[split][0].shape[1:]) for x in inputs]
+        self.cache = _CachedFirstLayer(base, steps, columns)
         self._swap(path, self.cache)
         return True
+
+    def _install_stacking(self, request: bool | int) -> int:
+        """Swap each Linear layer whose tensors move for a :class:`_StackedLinear` when nothing else
+        (but the first-layer cache) moves; returns the points per forward (1: no stacking)."""
+        if request is False or (not isinstance(request, bool) and request < 2) or self.bn_recompute:
+            return 1
+        if self.bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.work.modules()):
+            return 1
+        owners: dict[str, dict[str, int]] = {}
+        for i, name in enumerate(self.names):
+            path, _, key = name.rpartition(".")
+            module = self.work.get_submodule(path)
+            if module is self.cache:
+                continue
+            if type(module) is not nn.Linear:
+                return 1
+            owners.setdefault(path, {})[key] = i
+        if request is True:
+            rows = max(len(x) for batches in self.batches.values() for x, _, _ in batches)
+            largest = max((self.work.get_submodule(p).weight.numel() for p in owners), default=1)
+            request = min(MAX_STACK, STACK_ROWS // rows, STACK_BUDGET // (largest * self.targets[0].element_size()))
+            if request < 2:
+                return 1
+        for path, moving in owners.items():
+            layer = self.work.get_submodule(path)
+            tensors, directions = {}, {}
+            for key in ("weight", "bias"):
+                i, own = moving.get(key), getattr(layer, key)
+                tensors[key] = own if i is None else self.base[i]
+                directions[key] = None if i is None else torch.stack([d[i] for d in self.directions])
+            if directions["weight"] is None:
+                directions["weight"] = torch.zeros(len(self.directions), *layer.weight.shape, dtype=layer.weight.dtype,
+                                                   device=layer.weight.device)
+            stacked = _StackedLinear(tensors["weight"], tensors["bias"], directions["weight"], directions["bias"])
+            self._swap(path, stacked)
+            self._stacked.append(stacked)
+        return int(request)
 
     # -- BatchNorm statistics ------------------------------------------------------------------------
 
@@ -415,33 +508,70 @@ class PointEvaluator:
             if c != 0.0:
                 torch._foreach_add_(self.targets, direction, alpha=float(c))
 
-    def _select(self, split: str, batch: int, coefficients: Sequence[float]) -> None:
+    def _select(self, split: str, batch: int, coefficients: Sequence[float] | Tensor) -> None:
         if self.cache is not None:
             self.cache.key, self.cache.coefficients = (split, batch), coefficients
+        for layer in self._stacked:
+            layer.coefficients = coefficients
 
-    def _pass(self, split: str, coefficients: Sequence[float]) -> list[Tensor]:
+    def _stacked_coefficients(self, points: Sequence[Sequence[float]]) -> Tensor:
+        return torch.tensor([[float(c) for c in point] for point in points], dtype=self.base[0].dtype,
+                            device=self.device) if self.base else torch.zeros(len(points), 0)
+
+    def _forward(self, split: str, batch: int, x: Tensor, at: Sequence[float] | Tensor) -> Tensor:
+        """Outputs (points, len(x), ...) on ``x`` (batch ``batch`` of ``split``, or its first rows) at
+        ``at``: one point's coefficients (the weights already moved there), or a (P, k) tensor when stacked."""
+        self._select(split, batch, at)
+        if self.stack == 1:
+            return self.work(x).unsqueeze(0)
+        out = self.work(x if self.cache is not None else x.repeat(len(at), *[1] * (x.ndim - 1)))
+        return out.view(len(at), len(x), *out.shape[1:])
+
+    def _pass(self, split: str, at: Sequence[float] | Tensor) -> Tensor:
+        """(points, 2): mean loss and accuracy over the split's evaluation set at ``at`` (see :meth:`_forward`)."""
         objective = self.objectives[split]
         total: Tensor | float = 0.0
         correct: Tensor | int = 0
         for batch, (x, y, weight) in enumerate(self.batches[split]):
-            self._select(split, batch, coefficients)
-            out = self.work(x)
-            total = total + objective.loss_fn(out, y).double() * weight
-            correct = correct + accuracy_count(out, y)
-        return [total, correct.double() / objective.num_examples]
+            out = self._forward(split, batch, x, at)
+            total = total + _point_losses(objective.loss_fn, out, y) * weight
+            correct = correct + _point_correct(out, y)
+        return torch.stack([total, correct.double() / objective.num_examples], dim=1)
 
     def evaluate(self, points: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
         """``{"<split>_loss", "<split>_acc": array (len(points),)}`` at each coefficient vector."""
         rows = []
         with torch.inference_mode():
-            for coefficients in points:
-                self._move(coefficients)
-                if self.bn_recompute:
-                    self._recompute_statistics(coefficients)
-                rows.append(torch.stack([v for split in self.objectives for v in self._pass(split, coefficients)]))
-        values = torch.stack(rows).cpu().numpy() if rows else np.zeros((0, 2 * len(self.objectives)))
+            for start in range(0, len(points), self.stack):
+                group = points[start:start + self.stack]
+                if self.stack > 1:
+                    at: Sequence[float] | Tensor = self._stacked_coefficients(group)
+                else:
+                    at = group[0]
+                    self._move(at)
+                    if self.bn_recompute:
+                        self._recompute_statistics(at)
+                rows.append(torch.cat([self._pass(split, at) for split in self.objectives], dim=1))
+        values = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 2 * len(self.objectives)))
         names = [f"{split}_{metric}" for split in self.objectives for metric in METRICS]
         return {name: values[:, i] for i, name in enumerate(names)}
+
+
+def _point_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> Tensor:
+    """(points,) float64 mean losses from ``outputs`` shaped (points, rows, ...) against ``targets``."""
+    if len(outputs) == 1:
+        return loss_fn(outputs[0], targets).double().view(1)
+    if loss_fn is F.cross_entropy:  # one call for every point
+        repeated = targets.repeat(len(outputs), *[1] * (targets.ndim - 1))
+        return F.cross_entropy(outputs.flatten(0, 1), repeated, reduction="none").view(len(outputs), -1).double().mean(1)
+    return torch.stack([loss_fn(out, targets) for out in outputs]).double()
+
+
+def _point_correct(outputs: Tensor, targets: Tensor) -> Tensor:
+    """(points,) correct argmax predictions from ``outputs`` shaped (points, rows, ...)."""
+    if outputs.ndim == targets.ndim + 2:  # class scores: one argmax for every point
+        return (outputs.argmax(dim=-1) == targets).flatten(1).sum(1)
+    return torch.stack([accuracy_count(out, targets) for out in outputs])
 
 
 def _has_conv2d(model: nn.Module) -> bool:
@@ -450,36 +580,18 @@ def _has_conv2d(model: nn.Module) -> bool:
 
 # ---------------------------------------------------------------------------------------------- grid runs
 
-def evaluate_points(evaluator: PointEvaluator, coordinates: Sequence[np.ndarray],
+PointOf = Callable[[tuple[int, ...]], Sequence[float]]  # unit index -> coefficient vector
+
+
+def grid_point(coordinates: Sequence[np.ndarray]) -> PointOf:
+    """The coefficients at a grid index: one coordinate per axis."""
+    return lambda index: [float(axis[i]) for axis, i in zip(coordinates, index)]
+
+
+def evaluate_points(evaluator: PointEvaluator, point_of: PointOf,
                     indices: Sequence[tuple[int, ...]]) -> dict[str, np.ndarray]:
-    """Values at the grid points ``indices`` (any subset, in any order: the shardable unit)."""
-    return evaluator.evaluate([tuple(float(axis[i]) for axis, i in zip(coordinates, index)) for index in indices])
-
-
-class _MemoryGroup:
-    """In-memory stand-in for :class:`IncrementalGroup` when no output file is given."""
-
-    def __init__(self, datasets: Sequence[str], unit_shape: tuple[int, ...], static: Mapping[str, Any]) -> None:
-        self.values = {name: np.full(unit_shape, np.nan) for name in datasets}
-        self.done = np.zeros(unit_shape, dtype=bool)
-        self.static = dict(static)
-
-    def pending(self) -> list[tuple[int, ...]]:
-        return [tuple(int(i) for i in index) for index in np.argwhere(~self.done)]
-
-    def write(self, index: tuple, values: Mapping[str, Any]) -> None:
-        for name, value in values.items():
-            self.values[name][index] = value
-        self.done[index] = True
-
-    def arrays(self) -> dict[str, Any]:
-        return {**self.static, **self.values, "done": self.done.copy()}
-
-    def finalize(self) -> None:
-        """Nothing to move: the values are already in memory."""
-
-    def close(self) -> None:
-        """Nothing to release."""
+    """Values at the units ``indices`` (any subset, in any order: the shardable unit)."""
+    return evaluator.evaluate([point_of(index) for index in indices])
 
 
 def _slabs(block: Sequence[tuple[int, ...]], shape: tuple[int, ...]) -> list[tuple[tuple, slice, tuple[int, ...]]]:
@@ -506,12 +618,13 @@ def _slabs(block: Sequence[tuple[int, ...]], shape: tuple[int, ...]) -> list[tup
     return slabs
 
 
-def _run(sink: IncrementalGroup | _MemoryGroup, evaluator: PointEvaluator, coordinates: Sequence[np.ndarray],
-         progress: Progress | None, flush_seconds: float) -> None:
-    """Evaluate every pending point and write the finished ones, as few hyperslabs, at least every
-    ``flush_seconds`` (so a kill loses at most that much work, and no written point is recomputed)."""
+def run_points(sink: IncrementalGroup | MemoryGroup, evaluator: PointEvaluator, point_of: PointOf,
+               progress: Progress | None, flush_seconds: float) -> None:
+    """Evaluate every pending unit of ``sink`` at ``point_of(index)`` and write the finished ones, as
+    few hyperslabs, at least every ``flush_seconds`` (so a kill loses at most that much work, and no
+    written unit is recomputed)."""
     pending = sink.pending()
-    shape = tuple(len(axis) for axis in coordinates)
+    shape = sink.unit_shape
     total, done = math.prod(shape), math.prod(shape) - len(pending)
     if progress is not None:
         progress(done, total)
@@ -521,7 +634,7 @@ def _run(sink: IncrementalGroup | _MemoryGroup, evaluator: PointEvaluator, coord
     while position < len(pending):
         began = time.perf_counter()
         indices = pending[position:position + chunk]
-        for name, value in evaluate_points(evaluator, coordinates, indices).items():
+        for name, value in evaluate_points(evaluator, point_of, indices).items():
             values.setdefault(name, []).extend(value.tolist())
         position += len(indices)
         # cheap points go several per call: about 0.1 s of work, well inside the flush interval
@@ -570,18 +683,30 @@ def _grid(result_type: type[Result], objectives: Mapping[str, Objective], direct
     attrs = {**provenance(config, first.provenance(), seed, first.device), **extra, "speedups": evaluator.speedups}
     names = [f"{s}_{m}" for s in objectives for m in METRICS]
     shape = tuple(len(axis) for axis in coordinates)
-    sink = (IncrementalGroup(out, result_type.group, {n: () for n in names}, shape, attrs, static,
-                             resume=resume, overwrite=overwrite) if out is not None
-            else _MemoryGroup(names, shape, static))
+    arrays = run_group(out, result_type.group, names, shape, attrs, static, evaluator, grid_point(coordinates),
+                       resume=resume, overwrite=overwrite, progress=progress, flush_seconds=flush_seconds)
+    if out is not None:
+        arrays, attrs = read_group(out, result_type.group)
+    return result_type(arrays, attrs)
+
+
+def run_group(out: str | Path | None, group: str, names: Sequence[str], shape: tuple[int, ...],
+              attrs: Mapping[str, Any], static: Mapping[str, Any], evaluator: PointEvaluator, point_of: PointOf, *,
+              resume: bool, overwrite: bool, progress: Progress | None, flush_seconds: float) -> dict[str, Any]:
+    """Evaluate the values ``names`` (scalars) on every unit of ``shape`` and return the group's arrays.
+
+    With ``out`` the group is written incrementally (resumable, see
+    :class:`landscape.store.IncrementalGroup`) and moved into ``out`` when complete; else it stays in memory.
+    """
+    sink = (IncrementalGroup(out, group, {n: () for n in names}, shape, attrs, static, resume=resume,
+                             overwrite=overwrite) if out is not None else MemoryGroup(names, shape, static))
     try:
-        _run(sink, evaluator, coordinates, progress, flush_seconds)
+        run_points(sink, evaluator, point_of, progress, flush_seconds)
         arrays = sink.arrays()
         sink.finalize()
     finally:
         sink.close()
-    if out is not None:
-        arrays, attrs = read_group(out, result_type.group)
-    return result_type(arrays, attrs)
+    return arrays
 
 
 def _direction_attrs(directions: Sequence[Mapping[str, Tensor]], like: Mapping[str, Tensor]) -> dict[str, Any]:
