@@ -132,7 +132,7 @@ def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, d
       landscape cosine runs/sam.pt --out runs/sam.h5
       landscape cosine runs/sgd.pt --rhos 0,0.05,0.1,0.5 --noise isotropic --bn eval --dtype float64
     Python:
-      landscape.cosine_stability(landscape.load_objective("runs/sam.pt", batch_size=128)).save("runs/sam.h5")
+      landscape.cosine_stability(landscape.load_objective("runs/sam.pt"), batch_size=128).save("runs/sam.h5")
     """
     from landscape.analysis.cosine import cosine_stability
 
@@ -176,7 +176,7 @@ def ratio(checkpoint: str, rhos: str, perturbation: str, batches: int, bins: str
       landscape ratio runs/sgd.pt --out runs/sgd.h5
       landscape ratio runs/sam.pt --rhos 0.05 --perturbation rsam --dtype float64 --bins -10:4:140
     Python:
-      landscape.gradient_ratio(landscape.load_objective("runs/sgd.pt", batch_size=128)).save("runs/sgd.h5")
+      landscape.gradient_ratio(landscape.load_objective("runs/sgd.pt"), batch_size=128).save("runs/sgd.h5")
     """
     from landscape.analysis.ratio import gradient_ratio
 

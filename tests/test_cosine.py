@@ -239,8 +239,8 @@ def test_batchnorm_uses_batch_statistics_by_default():
     x, y = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,))
     objective = Objective(model, x, y, batch_size=32)
     buffers = {k: v.clone() for k, v in model.named_buffers()}
-    train = cosine_stability(objective, [0.0, 0.5], [0.0], batches=1, pga_steps=1)
-    evaluated = cosine_stability(objective, [0.0, 0.5], [0.0], batches=1, pga_steps=1, bn="eval")
+    train = cosine_stability(objective, [0.0, 0.5], [0.0], batches=1, batch_size=32, pga_steps=1)
+    evaluated = cosine_stability(objective, [0.0, 0.5], [0.0], batches=1, batch_size=32, pga_steps=1, bn="eval")
     batch_mode = Objective(model, x, y, batch_size=32, bn="train")
     assert train["base_loss"] == pytest.approx(batch_mode.loss(), rel=1e-12)
     assert evaluated["base_loss"] == pytest.approx(objective.loss(), rel=1e-12)
@@ -285,7 +285,7 @@ def test_cli_cosine_writes_the_group_and_prints_tables(checkpoint, tmp_path):
     assert stored["config"]["batch_size"] == 32 and stored["config"]["bn"] == "train"
     assert stored["checkpoint"] == str(checkpoint) and stored["dataset"] == "digits"
     python = cosine_stability(landscape.load_objective(str(checkpoint), batch_size=32, dtype="float64"),
-                              [0.0, 0.25, 0.5], [0.0, 0.01], batches=1, draws=2, pga_steps=2)
+                              [0.0, 0.25, 0.5], [0.0, 0.01], batches=1, draws=2, batch_size=32, pga_steps=2)
     np.testing.assert_array_equal(python["cosine"], stored["cosine"])
     again = invoke(*args)
     assert again.exit_code == 2 and "--overwrite" in again.output

@@ -57,7 +57,7 @@ def analytic_ratios(objective: Objective, eps_rule, rhos, seed: int = 0):
     theta = np.concatenate([w, objective.params["linear.bias"].numpy()])
     shift = objective.params["shift"].numpy()
     out = {rho: ([], 0, 0) for rho in rhos}
-    for b, (x, y) in enumerate(minibatches(objective, BATCHES, None, seed)):
+    for b, (x, y) in enumerate(minibatches(objective, BATCHES, N // BATCHES, seed)):
         a = np.concatenate([x.numpy(), np.ones((len(x), 1))], axis=1)
         hessian = a.T @ a / len(x)
         grad = np.concatenate([a.T @ (a @ theta - y.numpy()) / len(x), SHIFT_WEIGHTS])
@@ -98,7 +98,7 @@ RHOS = [0.05, 0.5, 5.0]
 
 def test_sam_ratio_matches_analytic_histogram(setup):
     objective, _ = setup
-    result = gradient_ratio(objective, RHOS, batches=BATCHES, bin_edges=EDGES)
+    result = gradient_ratio(objective, RHOS, batches=BATCHES, batch_size=N // BATCHES, bin_edges=EDGES)
     check_against(result, analytic_ratios(objective, sam_eps, RHOS), RHOS)
     assert np.isfinite(result["counts"]).all() and result["counts"].dtype.kind == "i"
     layers = result["layers"]
@@ -119,7 +119,7 @@ def test_asam_ratio_uses_the_adaptive_rule(setup):
         scale[:D] = np.abs(weights[:D]) + eta    # only the 2-D weight is rescaled
         return rho * scale**2 * grad / np.linalg.norm(scale * grad)
 
-    result = gradient_ratio(objective, RHOS, perturbation="asam", asam_eta=eta, batches=BATCHES, bin_edges=EDGES)
+    result = gradient_ratio(objective, RHOS, perturbation="asam", asam_eta=eta, batches=BATCHES, batch_size=N // BATCHES, bin_edges=EDGES)
     check_against(result, analytic_ratios(objective, asam_eps, RHOS), RHOS)
 
 
@@ -136,7 +136,7 @@ def test_rsam_ratio_uses_the_recorded_noise(setup, monkeypatch):
     monkeypatch.setattr(optimizers, "rsam_noise", spy)
     gamma, lam = 0.1, 0.8
     result = gradient_ratio(objective, RHOS, perturbation="rsam", rsam_gamma=gamma, rsam_lam=lam,
-                            batches=BATCHES, bin_edges=EDGES)
+                            batches=BATCHES, batch_size=N // BATCHES, bin_edges=EDGES)
 
     def rsam_eps(grad, weights, rho, hessian, batch):
         delta = drawn[batch]
@@ -155,7 +155,7 @@ def test_replacing_the_optimizer_rule_changes_the_diagnostic(setup, monkeypatch)
     objective, _ = setup
     monkeypatch.setattr(optimizers, "sam_perturbation",
                         lambda grads, rho, *args, **kwargs: [torch.zeros_like(g) for g in grads])
-    result = gradient_ratio(objective, RHOS, batches=BATCHES, bin_edges=EDGES)
+    result = gradient_ratio(objective, RHOS, batches=BATCHES, batch_size=N // BATCHES, bin_edges=EDGES)
     assert np.all(result["counts"] == 0)
     np.testing.assert_array_equal(result["equal_count"], result["entries"] - result["zero_gradient_count"])
     np.testing.assert_array_equal(result["fraction_below_zero"], 1.0)
@@ -174,9 +174,9 @@ def test_log_ratio_never_overflows_and_separates_special_entries():
 def test_deterministic_per_seed_and_model_untouched(setup):
     objective, model = setup
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    first = gradient_ratio(objective, [0.1], perturbation="rsam", batches=2, seed=1)
-    second = gradient_ratio(objective, [0.1], perturbation="rsam", batches=2, seed=1)
-    other = gradient_ratio(objective, [0.1], perturbation="rsam", batches=2, seed=2)
+    first = gradient_ratio(objective, [0.1], perturbation="rsam", batches=2, batch_size=N // BATCHES, seed=1)
+    second = gradient_ratio(objective, [0.1], perturbation="rsam", batches=2, batch_size=N // BATCHES, seed=1)
+    other = gradient_ratio(objective, [0.1], perturbation="rsam", batches=2, batch_size=N // BATCHES, seed=2)
     np.testing.assert_array_equal(first["counts"], second["counts"])
     for name, layer in first["layers"].items():
         np.testing.assert_array_equal(layer["counts"], second["layers"][name]["counts"], err_msg=name)
@@ -196,7 +196,7 @@ def test_bad_options_raise_one_line_errors(setup, options, message):
 
 
 def test_result_saves_loads_and_plots(setup, tmp_path):
-    result = landscape.gradient_ratio(setup[0], RHOS, batches=BATCHES, bin_edges=EDGES)
+    result = landscape.gradient_ratio(setup[0], RHOS, batches=BATCHES, batch_size=N // BATCHES, bin_edges=EDGES)
     path = result.save(tmp_path / "r.h5")
     loaded = RatioResult.load(path)
     np.testing.assert_array_equal(loaded["counts"], result["counts"])

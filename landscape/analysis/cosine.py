@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from landscape import optimizers
-from landscape.analysis.gradients import (batch_loss, cosine, loss_and_grad, minibatches, optimizer_default,
+from landscape.analysis.gradients import (MINIBATCH, batch_loss, cosine, loss_and_grad, minibatches, optimizer_default,
                                           seeded_generator, shifted, with_bn)
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
@@ -143,7 +143,7 @@ def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], 
 
 def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
                      gammas2: Sequence[float] = DEFAULT_GAMMAS2, *, noise: str = "kernel", batches: int = 4,
-                     draws: int = 4, batch_size: int | None = None, bn: str | None = "train", pga_steps: int = 10,
+                     draws: int = 4, batch_size: int = MINIBATCH, bn: str | None = "train", pga_steps: int = 10,
                      pga_step: float = 1.0, rsam_gamma: float | None = None, rsam_lam: float | None = None,
                      seed: int = 0, progress: Callable[..., Any] | None = None) -> CosineResult:
     """Cosine stability, perturbed loss and inner-maximisation gap versus ρ.
@@ -155,7 +155,7 @@ def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
         noise: ``kernel`` (R-SAM's ``rsam_noise``, std γ sqrt(‖w_j‖) per filter j) or ``isotropic`` (std γ).
         batches: number of disjoint minibatches, drawn from the evaluation set by ``seed``.
         draws: noise draws per minibatch (per γ² > 0, and for R-SAM's ascent).
-        batch_size: minibatch size (default: the objective's); it changes the result.
+        batch_size: minibatch size (default 128, as the CLI's); it changes the result.
         bn: BatchNorm mode for this measurement: ``train`` (batch statistics, the paper's), ``eval``,
             or ``None`` for the objective's own.
         pga_steps: steps k of projected gradient ascent, started from SAM's point.

@@ -39,9 +39,12 @@ def seeded_generator(seed: int, *keys: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state >> np.uint64(1)))
 
 
-def minibatches(objective: Objective, count: int, batch_size: int | None, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """``count`` disjoint minibatches of ``batch_size`` examples (default: the objective's), drawn by ``seed``."""
-    batch_size = objective.batch_size if batch_size is None else int(batch_size)
+MINIBATCH = 128  # the diagnostics' default minibatch size (the CLI's too)
+
+
+def minibatches(objective: Objective, count: int, batch_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """``count`` disjoint minibatches of ``batch_size`` examples, drawn by ``seed``."""
+    batch_size = int(batch_size)
     if count < 1 or batch_size < 1:
         raise LandscapeError(f"batches and batch size must be >= 1, got {count} and {batch_size}")
     needed = count * batch_size

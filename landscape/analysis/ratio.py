@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from landscape import optimizers
-from landscape.analysis.gradients import (loss_and_grad, minibatches, optimizer_default, seeded_generator, shifted,
+from landscape.analysis.gradients import (MINIBATCH, loss_and_grad, minibatches, optimizer_default, seeded_generator, shifted,
                                           with_bn)
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
@@ -77,7 +77,7 @@ def _fractions(layer: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, perturbation: str = "sam",
-                   batches: int = 4, batch_size: int | None = None, bin_edges: Sequence[float] = DEFAULT_BIN_EDGES,
+                   batches: int = 4, batch_size: int = MINIBATCH, bin_edges: Sequence[float] = DEFAULT_BIN_EDGES,
                    bn: str | None = "train", asam_eta: float | None = None, rsam_gamma: float | None = None,
                    rsam_lam: float | None = None, seed: int = 0,
                    progress: Callable[..., Any] | None = None) -> RatioResult:
@@ -91,7 +91,7 @@ def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *
             ``rsam_lam``; g_SGD stays the gradient at w). Unset hyper-parameters default to the
             registered ``asam``/``rsam`` optimizer's.
         batches: number of disjoint minibatches, drawn from the evaluation set by ``seed``.
-        batch_size: minibatch size (default: the objective's).
+        batch_size: minibatch size (default 128, as the CLI's).
         bin_edges: increasing histogram edges in log10 units (B + 1 values); values outside are
             counted in ``below_range``/``above_range``, not binned.
         bn: BatchNorm mode: ``train`` (batch statistics, as in training), ``eval``, or ``None`` (the objective's).
