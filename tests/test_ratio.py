@@ -119,7 +119,8 @@ def test_asam_ratio_uses_the_adaptive_rule(setup):
         scale[:D] = np.abs(weights[:D]) + eta    # only the 2-D weight is rescaled
         return rho * scale**2 * grad / np.linalg.norm(scale * grad)
 
-    result = gradient_ratio(objective, RHOS, perturbation="asam", asam_eta=eta, batches=BATCHES, batch_size=N // BATCHES, bin_edges=EDGES)
+    result = gradient_ratio(objective, RHOS, perturbation="asam", asam_eta=eta, batches=BATCHES, batch_size=N // BATCHES,
+                            bin_edges=EDGES)
     check_against(result, analytic_ratios(objective, asam_eps, RHOS), RHOS)
 
 

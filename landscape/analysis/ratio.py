@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from landscape import optimizers
-from landscape.analysis.gradients import (MINIBATCH, loss_and_grad, minibatches, optimizer_default, seeded_generator, shifted,
-                                          with_bn)
+from landscape.analysis.gradients import (MINIBATCH, loss_and_grad, minibatches, optimizer_default, seeded_generator,
+                                          shifted, with_bn)
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
 from landscape.results import Result

@@ -233,11 +233,10 @@ class _StackedLinear(nn.Module):
         weight = self.weight + torch.tensordot(c, self.weight_directions, 1)  # (P, out, in)
         blocks = x.reshape(len(c), -1, x.shape[-1])
         if self.bias is None:
-            out = torch.bmm(blocks, weight.transpose(1, 2))
-        else:
-            bias = self.bias + c @ self.bias_directions if self.bias_directions is not None else self.bias.expand(len(c), -1)
-            out = torch.baddbmm(bias.unsqueeze(1), blocks, weight.transpose(1, 2))
-        return out.reshape(*x.shape[:-1], -1)
+            return torch.bmm(blocks, weight.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+        moved = self.bias_directions is not None
+        bias = self.bias + c @ self.bias_directions if moved else self.bias.expand(len(c), -1)  # (P, out)
+        return torch.baddbmm(bias.unsqueeze(1), blocks, weight.transpose(1, 2)).reshape(*x.shape[:-1], -1)
 
 
 class PointEvaluator:
@@ -563,7 +562,8 @@ def _point_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, 
         return loss_fn(outputs[0], targets).double().view(1)
     if loss_fn is F.cross_entropy:  # one call for every point
         repeated = targets.repeat(len(outputs), *[1] * (targets.ndim - 1))
-        return F.cross_entropy(outputs.flatten(0, 1), repeated, reduction="none").view(len(outputs), -1).double().mean(1)
+        losses = F.cross_entropy(outputs.flatten(0, 1), repeated, reduction="none")
+        return losses.view(len(outputs), -1).double().mean(1)
     return torch.stack([loss_fn(out, targets) for out in outputs]).double()
 
 
