@@ -2,10 +2,11 @@
 
 Two settings: ``cnn`` on a batch of 128 digits, and ``resnet18`` on 128 random CIFAR-shaped
 images. Methods are timed in interleaved rounds (median over rounds), so machine noise hits all
-of them alike. SSAM-F/SSAM-D are also timed with a mask refresh on every step; their amortised
-time adds that extra cost divided by the default refresh interval.
+of them alike; each round times as many steps per method as fill about a quarter of a second
+(at most ``--steps``). SSAM-F/SSAM-D are also timed once with a mask refresh on the step; their
+amortised time adds that extra cost divided by the default refresh interval.
 
-    python benchmarks/optimizer_step.py [--quick] [--configs cnn,resnet18] [--device auto]
+    python benchmarks/optimizer_step.py [--quick] [--configs cnn,resnet18] [--device auto] [--threads N]
 """
 
 from __future__ import annotations
@@ -68,25 +69,33 @@ def synchronise(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(name: str, device: torch.device, rounds: int, inner: int) -> list[dict]:
+def timed(step: Callable[[], None], count: int, device: torch.device) -> float:
+    """Seconds per call of ``step`` over ``count`` calls."""
+    synchronise(device)
+    start = time.perf_counter()
+    for _ in range(count):
+        step()
+    synchronise(device)
+    return (time.perf_counter() - start) / count
+
+
+def measure(name: str, device: torch.device, rounds: int, max_steps: int) -> tuple[list[dict], int]:
+    """Rows for every method in setting ``name``, and the steps timed per method per round."""
     builder, batch, pool = setting(name, device)
     methods = [info.name for info in list_optimizers()]
     steps = {method: stepper(method, builder, batch, pool, device) for method in methods}
-    steps.update({f"{method}@refresh": stepper(method, builder, batch, pool, device, refresh=1)
-                  for method in SPARSE})
+    refreshing = {method: stepper(method, builder, batch, pool, device, refresh=1) for method in SPARSE}
     for step in steps.values():                      # warm-up: allocations, masks, autotuning
         for _ in range(2):
             step()
+    inner = max(1, min(max_steps, round(0.25 / timed(steps["sgd"], 1, device))))
     times: dict[str, list[float]] = {key: [] for key in steps}
     for _ in range(rounds):
         for key, step in steps.items():
-            count = 1 if key.endswith("@refresh") else inner
-            synchronise(device)
-            start = time.perf_counter()
-            for _ in range(count):
-                step()
-            synchronise(device)
-            times[key].append((time.perf_counter() - start) / count)
+            times[key].append(timed(step, inner, device))
+    for method, step in refreshing.items():          # a refresh costs the same every time: once is enough
+        step()
+        times[f"{method}@refresh"] = [timed(step, 1, device)]
     median = {key: statistics.median(values) for key, values in times.items()}
     sgd = median["sgd"]
     rows = []
@@ -103,7 +112,7 @@ def measure(name: str, device: torch.device, rounds: int, inner: int) -> list[di
         reported = row.get("ratio_amortised", row["ratio"])
         row["meets_goal"] = "" if goal is None else ("yes" if reported <= goal else "NO")
         rows.append(row)
-    return rows
+    return rows, inner
 
 
 def main() -> None:
@@ -112,19 +121,24 @@ def main() -> None:
     parser.add_argument("--configs", default="cnn,resnet18", help="comma-separated settings: cnn, resnet18")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--rounds", type=int, default=9, help="interleaved timing rounds (median taken)")
-    parser.add_argument("--steps", type=int, default=5, help="steps per method per round")
+    parser.add_argument("--steps", type=int, default=5, help="at most this many steps per method per round")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 is steadier on a busy machine)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    rounds, inner = (3, 2) if args.quick else (args.rounds, args.steps)
-    rows = []
+    rounds, max_steps = (3, 2) if args.quick else (args.rounds, args.steps)
+    rows, inner = [], {}
     for name in args.configs.split(","):
-        rows += measure(name.strip(), device, rounds, inner)
+        setting_rows, inner[name.strip()] = measure(name.strip(), device, rounds, max_steps)
+        rows += setting_rows
         for row in rows[-len(list_optimizers()):]:
             print(f"{row['setting']:9s} {row['method']:6s} {row['ms_per_step']:9.2f} ms  x{row['ratio']:.2f}"
                   + (f"  amortised x{row['ratio_amortised']:.2f}" if "ratio_amortised" in row else ""))
     name = "optimizer_step" if device.type == "cpu" else f"optimizer_step_{device.type}"
     path = write_results(name, rows, {"device": str(device), "rounds": rounds, "steps_per_round": inner,
-                                                  "batch": 128, "defaults": "registry defaults, base SGD"},
+                         "refresh_timed": "once per sparse method",
+                         "batch": 128, "defaults": "registry defaults, base SGD"},
                          columns=["setting", "method", "ms_per_step", "ratio", "ratio_amortised", "refresh_ms",
                                   "goal", "meets_goal"])
     print(path.read_text())

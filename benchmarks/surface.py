@@ -5,8 +5,9 @@ For each model the same evaluation set is forwarded once per grid point by three
   pure evaluation: the same plus the mean cross-entropy and the accuracy that a surface stores;
 - ours: ``landscape.loss_surface`` with an output file (directions, evaluator set-up, per-point
   weight updates, loss and accuracy, incremental HDF5 writes and the final move included), with
-  its automatic speed-ups (BatchNorm folding, channels-last, first-layer cache), without the
-  first-layer cache (does it pay?), and with none (``plain``: the machinery's own overhead);
+  its automatic speed-ups (BatchNorm folding, channels-last, first-layer cache, stacked points),
+  without the first-layer cache and without stacking (do they pay?), and with none (``plain``:
+  the machinery's own overhead);
 - loss-landscapes' ``random_plane(..., normalization="filter", deepcopy_model=True)`` with its
   ``Loss`` metric, under ``torch.no_grad()`` (CPU only: it creates its directions on the CPU).
 Every method forwards the whole evaluation set as one batch per point. All-zero parameters (BatchNorm
@@ -36,7 +37,7 @@ from landscape.data import load_dataset  # noqa: E402
 from landscape.models import build_model  # noqa: E402
 from landscape.objective import Objective  # noqa: E402
 
-PLAIN = ("fold_batchnorm", "channels_last", "linear_first_layer")
+PLAIN = ("fold_batchnorm", "channels_last", "linear_first_layer", "stack_points")
 # model -> (grid side, grid side with --quick, examples, examples with --quick, timing repeats)
 CASES = {"mlp": (51, 11, None, None, 3), "cnn": (11, 5, None, None, 3), "resnet18": (3, 2, 1000, 200, 1)}
 
@@ -103,6 +104,8 @@ def run_case(name: str, quick: bool, device: torch.device, folder: Path) -> dict
                "ours_plain_s": lambda: ours(objective, axis, folder / "s.h5", dict.fromkeys(PLAIN, False))}
     if used["linear_first_layer"]:
         methods["ours_no_cache_s"] = lambda: ours(objective, axis, folder / "s.h5", {"linear_first_layer": False})
+    if used["stack_points"] > 1:
+        methods["ours_unstacked_s"] = lambda: ours(objective, axis, folder / "s.h5", {"stack_points": False})
     if device.type == "cpu":
         methods["loss_landscapes_s"] = lambda: loss_landscapes_plane(model, x, y, side)
     times: dict[str, list[float]] = {column: [] for column in methods}
@@ -140,7 +143,7 @@ def main() -> None:
             "batch": "whole evaluation set per forward", "resnet18": "1000 (quick: 200) random CIFAR-shaped images, "
             "3x3 (quick: 2x2) grid", "digits": "train split, 1437 images; mlp 51x51, cnn 11x11 (quick: 11x11, 5x5)",
             "variants": "ours_s: automatic speed-ups; ours_no_cache_s: without the first-layer cache; "
-                        "ours_plain_s: no speed-ups"}
+                        "ours_unstacked_s: one point per forward; ours_plain_s: no speed-ups"}
     print(write_results(name, rows, meta).read_text())
 
 
