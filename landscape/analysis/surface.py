@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import functools
 import hashlib
 import math
 import time
@@ -42,8 +44,9 @@ from landscape.store import IncrementalGroup, MemoryGroup, provenance, read_grou
 DEFAULT_AXIS = np.linspace(-1.0, 1.0, 51)
 DEFAULT_ALPHAS = np.linspace(-0.5, 1.5, 41)
 FIRST_LAYER_BUDGET = 512 * 2**20  # bytes of cached first-layer outputs the automatic choice allows
-STACK_ROWS = 2**16  # input rows of one stacked forward (points x batch rows) the automatic choice allows
-STACK_BUDGET = 256 * 2**20  # bytes of per-point Linear weights one stacked forward may build
+# the automatic number of stacked points keeps the widest stacked activation within these bytes: on
+# the CPU small enough that the allocator reuses its memory instead of mapping fresh pages every time
+STACK_BYTES = {"cpu": 4 * 2**20, "other": 256 * 2**20}
 MAX_STACK = 64  # points per stacked forward at most
 METRICS = ("loss", "acc")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
@@ -255,9 +258,9 @@ class PointEvaluator:
       :data:`FIRST_LAYER_BUDGET`.
     - ``stack_points``: points per forward when only Linear layers (and the cached first layer)
       own moving tensors: the batch is stacked once per point and each Linear multiplies its block
-      by that point's weights. ``None``/``True``: as many as :data:`STACK_ROWS`,
-      :data:`STACK_BUDGET` and :data:`MAX_STACK` allow (without ``bn_recompute``); an int: that many;
-      ``False``: one point per forward. Batch-statistics BatchNorm rules it out.
+      by that point's weights. ``None``/``True``: as many as :data:`STACK_BYTES` and
+      :data:`MAX_STACK` allow (without ``bn_recompute``); an int: that many; ``False``: one point
+      per forward. Batch-statistics BatchNorm rules it out.
 
     The optimised copy is checked against the plain one at two generic points on a few examples; on
     a mismatch (an unusual model) every speed-up is dropped. ``self.speedups`` says what is used.
@@ -448,10 +451,13 @@ class PointEvaluator:
             owners.setdefault(path, {})[key] = i
         if request is True:
             rows = max(len(x) for batches in self.batches.values() for x, _, _ in batches)
-            largest = max((self.work.get_submodule(p).weight.numel() for p in owners), default=1)
-            request = min(MAX_STACK, STACK_ROWS // rows, STACK_BUDGET // (largest * self.targets[0].element_size()))
+            widest = max((max(self.work.get_submodule(p).weight.shape) for p in owners), default=1)
+            budget = STACK_BYTES["cpu" if self.device.type == "cpu" else "other"]
+            request = min(MAX_STACK, budget // (rows * widest * self.targets[0].element_size()))
             if request < 2:
                 return 1
+        if self.device.type == "cpu":
+            _keep_freed_memory()
         for path, moving in owners.items():
             layer = self.work.get_submodule(path)
             tensors, directions = {}, {}
@@ -554,6 +560,23 @@ class PointEvaluator:
         values = torch.cat(rows).cpu().numpy() if rows else np.zeros((0, 2 * len(self.objectives)))
         names = [f"{split}_{metric}" for split in self.objectives for metric in METRICS]
         return {name: values[:, i] for i, name in enumerate(names)}
+
+
+@functools.cache
+def _keep_freed_memory() -> None:
+    """Stop glibc from handing freed memory back to the OS after every few-MiB tensor (once per process).
+
+    Stacked points allocate and free several MiB per layer and forward; glibc's default trimming
+    then returns the heap top and takes fresh zeroed pages for the next tensor, which doubles the
+    time of a small MLP surface at random. Allocations under 32 MiB stay on the heap and up to
+    256 MiB of free heap is kept. No effect outside glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(-1, 256 * 2**20)  # M_TRIM_THRESHOLD
+    mallopt(-3, 32 * 2**20)   # M_MMAP_THRESHOLD
 
 
 def _point_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, targets: Tensor) -> Tensor:
