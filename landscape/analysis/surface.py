@@ -221,14 +221,20 @@ class _StackedLinear(nn.Module):
     """Stands in for a Linear layer whose weights move, for P points in one call.
 
     The input rows come as P equal blocks; block p sees the weights base + Σ_i c_pi D_i with
-    ``coefficients`` (a (P, k) tensor) set by the evaluator before each forward.
+    ``coefficients`` (a (P, k) tensor) set by the evaluator before each forward. ``pad`` zero
+    output features are computed and dropped (CPU GEMMs run narrow outputs such as 10 classes
+    twice as fast at a multiple of 8).
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, weight_directions: Tensor,
-                 bias_directions: Tensor | None) -> None:
+                 bias_directions: Tensor | None, pad: int = 0) -> None:
         super().__init__()
-        self.weight, self.bias = weight, bias  # (out, in), (out,)
-        self.weight_directions, self.bias_directions = weight_directions, bias_directions  # (k, out, in), (k, out)
+        self.features = len(weight)
+        rows = (0, 0, 0, pad)  # zero rows appended to (.., out, in) tensors
+        self.weight = F.pad(weight, rows)  # (out, in)
+        self.weight_directions = F.pad(weight_directions, rows)  # (k, out, in)
+        self.bias = None if bias is None else F.pad(bias, (0, pad))  # (out,)
+        self.bias_directions = None if bias_directions is None else F.pad(bias_directions, (0, pad))  # (k, out)
         self.coefficients = torch.zeros(1, len(weight_directions), dtype=weight.dtype, device=weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -236,10 +242,12 @@ class _StackedLinear(nn.Module):
         weight = self.weight + torch.tensordot(c, self.weight_directions, 1)  # (P, out, in)
         blocks = x.reshape(len(c), -1, x.shape[-1])
         if self.bias is None:
-            return torch.bmm(blocks, weight.transpose(1, 2)).reshape(*x.shape[:-1], -1)
-        moved = self.bias_directions is not None
-        bias = self.bias + c @ self.bias_directions if moved else self.bias.expand(len(c), -1)  # (P, out)
-        return torch.baddbmm(bias.unsqueeze(1), blocks, weight.transpose(1, 2)).reshape(*x.shape[:-1], -1)
+            out = torch.bmm(blocks, weight.transpose(1, 2))
+        else:
+            moved = self.bias_directions is not None
+            bias = self.bias + c @ self.bias_directions if moved else self.bias.expand(len(c), -1)  # (P, out)
+            out = torch.baddbmm(bias.unsqueeze(1), blocks, weight.transpose(1, 2))
+        return out[..., :self.features].reshape(*x.shape[:-1], -1)
 
 
 class PointEvaluator:
@@ -468,7 +476,9 @@ class PointEvaluator:
             if directions["weight"] is None:
                 directions["weight"] = torch.zeros(len(self.directions), *layer.weight.shape, dtype=layer.weight.dtype,
                                                    device=layer.weight.device)
-            stacked = _StackedLinear(tensors["weight"], tensors["bias"], directions["weight"], directions["bias"])
+            features = layer.out_features
+            pad = -features % 8 if self.device.type == "cpu" and 8 < features < 64 else 0
+            stacked = _StackedLinear(tensors["weight"], tensors["bias"], directions["weight"], directions["bias"], pad)
             self._swap(path, stacked)
             self._stacked.append(stacked)
         return int(request)
