@@ -211,6 +211,14 @@ def test_interpolation_ends_equal_each_checkpoint(data, tmp_path, name):
     assert result.attrs["target_sha256"] and result["alphas"].tolist() == alphas
 
 
+def test_interpolating_a_model_with_itself_is_flat(data):
+    x, y = data
+    model = make_model("mlp").double()
+    result = interpolate(Objective(model, x, y), model, [-0.5, 0.0, 1.5])
+    assert result.attrs["distance"] == 0.0
+    assert_close(result["train_loss"], [plain_metrics(model, x, y)[0]] * 3, 1e-12, "loss of a zero direction")
+
+
 SCRIPT = textwrap.dedent("""
     import os, sys, time
     import numpy as np, torch

@@ -446,7 +446,7 @@ class PointEvaluator:
         (but the first-layer cache) moves; returns the points per forward (1: no stacking)."""
         if request is False or (not isinstance(request, bool) and request < 2) or self.bn_recompute:
             return 1
-        if self.bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.work.modules()):
+        if not self.names or (self.bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.work.modules())):
             return 1
         owners: dict[str, dict[str, int]] = {}
         for i, name in enumerate(self.names):
@@ -518,6 +518,8 @@ class PointEvaluator:
     # -- points --------------------------------------------------------------------------------------
 
     def _move(self, coefficients: Sequence[float]) -> None:
+        if not self.targets:  # nothing moves (e.g. interpolating a checkpoint with itself)
+            return
         torch._foreach_copy_(self.targets, self.base)
         for c, direction in zip(coefficients, self.directions):
             if c != 0.0:
