@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -211,8 +212,12 @@ def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: 
     """
     from landscape.analysis.radius import radius_curve
 
+    from landscape.store import list_groups
+
     values = parse_grid(radii, "--radii", log=True, example="1e-3:10:25")
     levels = parse_grid(ratio_levels, "--ratio-levels") if ratio_levels else None
+    if not (overwrite or resume) and Path(out).exists() and "radius" in list_groups(out):
+        raise LandscapeError(f"{out} already holds /radius; pass --overwrite to replace it or choose another --out")
     objective = objective_from_options(checkpoint, seed=seed, **options)
     result = _run_with_bar("radius", "point", radius_curve, objective=objective, radii=values, draws=draws,
                            rho_p=rho_p, seed=seed, ratio_levels=levels, out=out, resume=resume, overwrite=overwrite)

@@ -225,13 +225,18 @@ class IncrementalGroup:
             return read_group(self.path, self.group)[0]
         return _read_tree(self.handle)[0]
 
-    def finalize(self) -> None:
-        """Move the finished group into the main file (atomically) and delete the sidecar."""
+    def finalize(self, arrays: Mapping[str, Any] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
+        """Move the finished group, plus ``arrays`` and ``attrs`` derived from its units, into the main
+        file in one atomic write, and delete the sidecar."""
         if self.complete:
             return
         missing = int((~self.done).sum())
         if missing:
             raise LandscapeError(f"{missing} units of /{self.group} are not done; resume the run to finish them")
+        for name in arrays or {}:
+            if name in self.handle:  # written by a run killed while moving
+                del self.handle[name]
+        _write_tree(self.handle, dict(arrays or {}), dict(attrs or {}))
         self.handle.close()
         with _open(self.partial, "r") as source, _atomic_edit(self.path) as target:
             _refuse_existing(target, self.path, self.group, True)
@@ -268,7 +273,7 @@ class MemoryGroup:
     def arrays(self) -> dict[str, Any]:
         return {**self.static, **self.values, "done": self.done.copy()}
 
-    def finalize(self) -> None:
+    def finalize(self, arrays: Mapping[str, Any] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
         """Nothing to move: the values are already in memory."""
 
     def close(self) -> None:

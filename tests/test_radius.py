@@ -15,6 +15,7 @@ from torch import nn
 
 from landscape.analysis.radius import radius_curve, radius_ratio
 from landscape.data import eval_subset
+from landscape.errors import LandscapeError
 from landscape.models import build_model
 from landscape.objective import Objective
 from landscape.optimizers import filterwise_noise
@@ -148,3 +149,14 @@ def test_radius_resumes_after_sigkill_with_nothing_lost_or_recomputed(tmp_path):
     assert final["radius_ratio"] == expected["radius_ratio"] and not partial.exists()
     again = run(out, "resume")
     assert again.communicate()[0].split("\n")[-2] == "evaluated 0", "a finished run resumes to nothing"
+
+
+def test_radius_resume_refuses_another_seed(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 3)).double().eval()
+    objective = Objective(model, torch.randn(20, 6, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    radius_curve(objective, [0.1, 1.0], draws=2, seed=1, out=tmp_path / "r.h5")
+    with pytest.raises(LandscapeError, match="options differ"):
+        radius_curve(objective, [0.1, 1.0], draws=2, seed=2, out=tmp_path / "r.h5", resume=True)
+    again = radius_curve(objective, [0.1, 1.0], draws=2, seed=1, out=tmp_path / "r.h5", resume=True)
+    assert np.isfinite(again["loss_rwp"]).all() and "radius_ratio" in Result.load(tmp_path / "r.h5", "radius").attrs

@@ -211,6 +211,43 @@ def test_interpolation_ends_equal_each_checkpoint(data, tmp_path, name):
     assert result.attrs["target_sha256"] and result["alphas"].tolist() == alphas
 
 
+class Residual(nn.Module):
+    """An MLP that adds its input to its output: stacked points cannot run it (rows differ)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        return self.fc2(torch.relu(self.fc1(flat))) + flat
+
+
+def test_models_that_cannot_stack_points_fall_back_without_losing_other_speedups(data):
+    x, y = data
+    torch.manual_seed(0)
+    objective = Objective(Residual().double(), x, y, batch_size=64)
+    directions = surface_directions(objective.params, seed=2)
+    fast = PointEvaluator({"train": objective}, directions)
+    assert fast.speedups["stack_points"] == 1 and fast.speedups["linear_first_layer"]
+    plain = PointEvaluator({"train": objective}, directions, **PLAIN)
+    points = [[0.3, -0.2], [1.0, 0.5], [-0.7, 0.0]]
+    assert_close(fast.evaluate(points)["train_loss"], plain.evaluate(points)["train_loss"], 1e-12, "fallback loss")
+
+
+def test_stacked_cross_entropy_skips_ignored_targets_like_torch(data):
+    x, y = data
+    y = y.clone()
+    y[::5] = -100
+    objective = Objective(make_model("mlp").double(), x, y, batch_size=64)
+    directions = surface_directions(objective.params, seed=2)
+    stacked = PointEvaluator({"train": objective}, directions, stack_points=3)
+    plain = PointEvaluator({"train": objective}, directions, **PLAIN)
+    assert stacked.speedups["stack_points"] == 3
+    points = [[0.3, -0.2], [1.0, 0.5], [-0.7, 0.0], [0.1, 0.1]]
+    assert_close(stacked.evaluate(points)["train_loss"], plain.evaluate(points)["train_loss"], 1e-12, "loss")
+
+
 def test_interpolating_a_model_with_itself_is_flat(data):
     x, y = data
     model = make_model("mlp").double()

@@ -143,7 +143,7 @@ def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], 
 
 def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
                      gammas2: Sequence[float] = DEFAULT_GAMMAS2, *, noise: str = "kernel", batches: int = 4,
-                     draws: int = 4, batch_size: int = MINIBATCH, bn: str | None = "train", pga_steps: int = 10,
+                     draws: int = 4, batch_size: int | None = MINIBATCH, bn: str | None = "train", pga_steps: int = 10,
                      pga_step: float = 1.0, rsam_gamma: float | None = None, rsam_lam: float | None = None,
                      seed: int = 0, progress: Callable[..., Any] | None = None) -> CosineResult:
     """Cosine stability, perturbed loss and inner-maximisation gap versus ρ.

@@ -42,9 +42,9 @@ def seeded_generator(seed: int, *keys: int) -> torch.Generator:
 MINIBATCH = 128  # the diagnostics' default minibatch size (the CLI's too)
 
 
-def minibatches(objective: Objective, count: int, batch_size: int, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """``count`` disjoint minibatches of ``batch_size`` examples, drawn by ``seed``."""
-    batch_size = int(batch_size)
+def minibatches(objective: Objective, count: int, batch_size: int | None, seed: int) -> list[tuple[Tensor, Tensor]]:
+    """``count`` disjoint minibatches of ``batch_size`` examples (None: :data:`MINIBATCH`), drawn by ``seed``."""
+    batch_size = MINIBATCH if batch_size is None else int(batch_size)
     if count < 1 or batch_size < 1:
         raise LandscapeError(f"batches and batch size must be >= 1, got {count} and {batch_size}")
     needed = count * batch_size

@@ -114,7 +114,7 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
                                **(evaluator_options or {}))
     base = evaluator.evaluate([[0.0] * (draws + 1)])
     loss_base, acc_base = float(base["eval_loss"][0]), float(base["eval_acc"][0])
-    config = {"radii": radii.tolist(), "draws": draws, "rho_p": rho_p, "bn": objective.bn,
+    config = {"radii": radii.tolist(), "draws": draws, "rho_p": rho_p, "bn": objective.bn, "seed": seed,
               "ratio_levels": None if ratio_levels is None else [float(v) for v in ratio_levels],
               "dtype": str(objective.dtype).replace("torch.", ""),
               "checkpoint_sha256": str(objective.source.get("checkpoint_sha256", "")),
@@ -127,16 +127,15 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
         radius, direction = index
         return [float(radii[radius]) if k == direction else 0.0 for k in range(draws + 1)]
 
-    points = run_group(out, RadiusResult.group, ["eval_loss", "eval_acc"], (len(radii), draws + 1), attrs,
-                       {"radii": radii}, evaluator, point, resume=resume, overwrite=overwrite, progress=progress,
-                       flush_seconds=flush_seconds)
-    loss, acc = points["eval_loss"], points["eval_acc"]
-    levels, ratios, ratio = radius_ratio(radii, loss[:, 0], loss[:, 1:].mean(1), loss_base, ratio_levels)
-    arrays = {"radii": radii, "eval_loss": loss, "eval_acc": acc, "done": points["done"],
-              "loss_awp": loss[:, 0], "acc_awp": acc[:, 0], "loss_rwp": loss[:, 1:].mean(1),
-              "loss_rwp_std": loss[:, 1:].std(1, ddof=1 if draws > 1 else 0), "acc_rwp": acc[:, 1:].mean(1),
-              "loss_rwp_draws": loss[:, 1:], "ratio_levels": levels, "ratio_values": ratios}
-    result = RadiusResult(arrays, {**attrs, "radius_ratio": ratio})
-    if out is not None:  # the complete group, with the curves derived from the points, replaces the raw one
-        result.save(out, overwrite=True)
-    return result
+    def curves(points: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        loss, acc = points["eval_loss"], points["eval_acc"]
+        levels, ratios, ratio = radius_ratio(radii, loss[:, 0], loss[:, 1:].mean(1), loss_base, ratio_levels)
+        return ({"loss_awp": loss[:, 0], "acc_awp": acc[:, 0], "loss_rwp": loss[:, 1:].mean(1),
+                 "loss_rwp_std": loss[:, 1:].std(1, ddof=1 if draws > 1 else 0), "acc_rwp": acc[:, 1:].mean(1),
+                 "loss_rwp_draws": loss[:, 1:], "ratio_levels": levels, "ratio_values": ratios},
+                {"radius_ratio": ratio})
+
+    arrays, derived = run_group(out, RadiusResult.group, ["eval_loss", "eval_acc"], (len(radii), draws + 1), attrs,
+                                {"radii": radii}, evaluator, point, resume=resume, overwrite=overwrite,
+                                progress=progress, flush_seconds=flush_seconds, derive=curves)
+    return RadiusResult(arrays, {**attrs, **derived})

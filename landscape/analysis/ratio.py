@@ -77,7 +77,7 @@ def _fractions(layer: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, perturbation: str = "sam",
-                   batches: int = 4, batch_size: int = MINIBATCH, bin_edges: Sequence[float] = DEFAULT_BIN_EDGES,
+                   batches: int = 4, batch_size: int | None = MINIBATCH, bin_edges: Sequence[float] = DEFAULT_BIN_EDGES,
                    bn: str | None = "train", asam_eta: float | None = None, rsam_gamma: float | None = None,
                    rsam_lam: float | None = None, seed: int = 0,
                    progress: Callable[..., Any] | None = None) -> RatioResult:

@@ -270,8 +270,9 @@ class PointEvaluator:
       :data:`MAX_STACK` allow (without ``bn_recompute``); an int: that many; ``False``: one point
       per forward. Batch-statistics BatchNorm rules it out.
 
-    The optimised copy is checked against the plain one at two generic points on a few examples; on
-    a mismatch (an unusual model) every speed-up is dropped. ``self.speedups`` says what is used.
+    The optimised copy is checked against the plain one at two generic points on a few examples; if
+    it fails or differs (an unusual model), stacking is dropped, then every speed-up.
+    ``self.speedups`` says what is used.
 
     Args:
         objectives: ``{split: Objective}``. The first supplies the base weights and buffers; all
@@ -311,9 +312,10 @@ class PointEvaluator:
             self._build(first, directions, plain, budget)
             if any(wanted.values()):
                 reference = self._probe()
-                self._build(first, directions, wanted, budget)
-                if any(self.speedups.values()) and not self._matches(self._probe(), reference):
-                    self._build(first, directions, plain, budget)
+                for options in (wanted, {**wanted, "stack_points": False}, plain):
+                    self._build(first, directions, options, budget)
+                    if options is plain or self._agrees(reference):
+                        break
         if bn_recompute:
             self._setup_recompute()
 
@@ -380,11 +382,16 @@ class PointEvaluator:
         self._move(())
         return torch.cat(outputs)
 
-    @staticmethod
-    def _matches(candidate: Tensor, reference: Tensor) -> bool:
+    def _agrees(self, reference: Tensor) -> bool:
+        """Whether the private copy, as built, runs and gives the plain copy's ``reference`` outputs."""
+        try:
+            candidate = self._probe()
+        except Exception:  # noqa: BLE001 - e.g. a model that reads its row count cannot take stacked points
+            return False
         tolerance = 1e-8 if reference.dtype == torch.float64 else 1e-3
         scale = float(reference.abs().max()) if reference.numel() else 1.0
-        return torch.allclose(candidate, reference, rtol=tolerance, atol=tolerance * max(scale, 1e-30))
+        return candidate.shape == reference.shape and torch.allclose(
+            candidate, reference, rtol=tolerance, atol=tolerance * max(scale, 1e-30))
 
     def _fold_batchnorm(self) -> int:
         """Fold each eval-mode BatchNorm that no direction moves into its Conv/Linear layer; returns how many."""
@@ -460,6 +467,8 @@ class PointEvaluator:
         if request is True:
             rows = max(len(x) for batches in self.batches.values() for x, _, _ in batches)
             widest = max((max(self.work.get_submodule(p).weight.shape) for p in owners), default=1)
+            if self.cache is not None:  # the first layer's output per example, e.g. a feature map
+                widest = max(widest, self.cache.base[self.primary][0][0].numel())
             budget = STACK_BYTES["cpu" if self.device.type == "cpu" else "other"]
             request = min(MAX_STACK, budget // (rows * widest * self.targets[0].element_size()))
             if request < 2:
@@ -597,8 +606,10 @@ def _point_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, 
         return loss_fn(outputs[0], targets).double().view(1)
     if loss_fn is F.cross_entropy:  # one call for every point
         repeated = targets.repeat(len(outputs), *[1] * (targets.ndim - 1))
-        losses = F.cross_entropy(outputs.flatten(0, 1), repeated, reduction="none")
-        return losses.view(len(outputs), -1).double().mean(1)
+        losses = F.cross_entropy(outputs.flatten(0, 1), repeated, reduction="none").view(len(outputs), -1).double()
+        if targets.is_floating_point():  # class probabilities
+            return losses.mean(1)
+        return losses.sum(1) / (targets != -100).sum()  # the mean over targets not ignored, as F.cross_entropy
     return torch.stack([loss_fn(out, targets) for out in outputs]).double()
 
 
@@ -718,8 +729,8 @@ def _grid(result_type: type[Result], objectives: Mapping[str, Objective], direct
     attrs = {**provenance(config, first.provenance(), seed, first.device), **extra, "speedups": evaluator.speedups}
     names = [f"{s}_{m}" for s in objectives for m in METRICS]
     shape = tuple(len(axis) for axis in coordinates)
-    arrays = run_group(out, result_type.group, names, shape, attrs, static, evaluator, grid_point(coordinates),
-                       resume=resume, overwrite=overwrite, progress=progress, flush_seconds=flush_seconds)
+    arrays, _ = run_group(out, result_type.group, names, shape, attrs, static, evaluator, grid_point(coordinates),
+                          resume=resume, overwrite=overwrite, progress=progress, flush_seconds=flush_seconds)
     if out is not None:
         arrays, attrs = read_group(out, result_type.group)
     return result_type(arrays, attrs)
@@ -727,21 +738,26 @@ def _grid(result_type: type[Result], objectives: Mapping[str, Objective], direct
 
 def run_group(out: str | Path | None, group: str, names: Sequence[str], shape: tuple[int, ...],
               attrs: Mapping[str, Any], static: Mapping[str, Any], evaluator: PointEvaluator, point_of: PointOf, *,
-              resume: bool, overwrite: bool, progress: Progress | None, flush_seconds: float) -> dict[str, Any]:
-    """Evaluate the values ``names`` (scalars) on every unit of ``shape`` and return the group's arrays.
+              resume: bool, overwrite: bool, progress: Progress | None, flush_seconds: float,
+              derive: Callable[[dict[str, Any]], tuple[dict[str, Any], dict[str, Any]]] | None = None,
+              ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Evaluate the values ``names`` (scalars) on every unit of ``shape``; return the group's arrays
+    and the attributes ``derive`` adds.
 
     With ``out`` the group is written incrementally (resumable, see
-    :class:`landscape.store.IncrementalGroup`) and moved into ``out`` when complete; else it stays in memory.
+    :class:`landscape.store.IncrementalGroup`) and moved into ``out`` when complete, together with
+    the ``(arrays, attrs)`` that ``derive`` computes from the finished arrays; else it stays in memory.
     """
     sink = (IncrementalGroup(out, group, {n: () for n in names}, shape, attrs, static, resume=resume,
                              overwrite=overwrite) if out is not None else MemoryGroup(names, shape, static))
     try:
         run_points(sink, evaluator, point_of, progress, flush_seconds)
         arrays = sink.arrays()
-        sink.finalize()
+        derived, derived_attrs = derive(arrays) if derive is not None else ({}, {})
+        sink.finalize(derived, derived_attrs)
     finally:
         sink.close()
-    return arrays
+    return {**arrays, **derived}, derived_attrs
 
 
 def _direction_attrs(directions: Sequence[Mapping[str, Tensor]], like: Mapping[str, Tensor]) -> dict[str, Any]:
