@@ -362,6 +362,10 @@ def test_cli_surface_interpolate_radius_and_plots(checkpoints, tmp_path):
         result = runner.invoke(cli, args)
         assert result.exit_code == 0, (args, result.output)
     assert "RWP/AWP radius ratio" in result.output
+    again = runner.invoke(cli, commands[-1])
+    assert again.exit_code == 2 and "--overwrite" in again.output and len(again.output.strip().splitlines()) == 1
+    resumed = runner.invoke(cli, [*commands[-1], "--resume"])
+    assert resumed.exit_code == 0 and resumed.output.splitlines()[-2:] == result.output.splitlines()[-2:]
     surface = Result.load(out, "surface")
     assert surface["train_loss"].shape == (5,) and surface["test_loss"].shape == (5,)
     assert Result.load(out, "interpolation")["train_loss"].shape == (3,)
