@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import click
@@ -144,3 +145,15 @@ def echo_registry(entries: list, what: str, pattern: str | None, label: str) -> 
         values = ", ".join(f"{key}={json.dumps(value)}" for key, value in entry.defaults.items())
         click.echo(f"{entry.name:<{width}}  {entry.description}")
         click.echo(f"{'':<{width}}  {label}: {values or 'none'}")
+
+
+def already_done(out: str, group: str, overwrite: bool, resume: bool) -> bool:
+    """True when ``--resume`` finds the group complete; refuse to recompute over it without ``--overwrite``."""
+    from landscape.errors import LandscapeError
+    from landscape.store import list_groups
+
+    if overwrite or not Path(out).exists() or group not in list_groups(out):
+        return False
+    if resume:
+        return True
+    raise LandscapeError(f"{out} already holds /{group}; pass --overwrite to replace it or choose another --out")

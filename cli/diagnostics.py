@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 from landscape.cli.common import (
+    already_done,
     arch_options,
     data_option,
     device_option,
@@ -43,17 +43,6 @@ def _shared(default_out: str) -> Callable[[Callable], Callable]:
             function = decorator(function)
         return function
     return apply
-
-
-def _already_done(out: str, group: str, overwrite: bool, resume: bool) -> bool:
-    """True when ``--resume`` finds the group complete; refuse to recompute over it without ``--overwrite``."""
-    from landscape.errors import LandscapeError
-    from landscape.store import list_groups
-    if overwrite or not Path(out).exists() or group not in list_groups(out):
-        return False
-    if resume:
-        return True
-    raise LandscapeError(f"{out} already holds /{group}; pass --overwrite to replace it or choose another --out")
 
 
 def _cell(mean: float, std: float) -> str:
@@ -136,7 +125,7 @@ def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, d
     """
     from landscape.analysis.cosine import cosine_stability
 
-    if _already_done(out, "cosine", overwrite, resume):
+    if already_done(out, "cosine", overwrite, resume):
         click.echo(f"{out}: /cosine is complete; nothing to do")
         return
     rho_values, gamma_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")], parse_floats(gammas2, "--gammas2")
@@ -180,7 +169,7 @@ def ratio(checkpoint: str, rhos: str, perturbation: str, batches: int, bins: str
     """
     from landscape.analysis.ratio import gradient_ratio
 
-    if _already_done(out, "ratio", overwrite, resume):
+    if already_done(out, "ratio", overwrite, resume):
         click.echo(f"{out}: /ratio is complete; nothing to do")
         return
     rho_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")]

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import click
 
-from landscape.cli.common import (arch_options, data_option, device_option, eval_options, objective_from_options,
-                                  out_option, overwrite_options, progress, seed_option)
+from landscape.cli.common import (already_done, arch_options, data_option, device_option, eval_options,
+                                  objective_from_options, out_option, overwrite_options, progress, seed_option)
 
 
 @click.command()
@@ -55,13 +54,8 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
             top_k=5, density=True, trace=True).save("runs/sam.h5")
     """
     from landscape.analysis.hessian import HessianResult, hessian_spectrum
-    from landscape.errors import LandscapeError
-    from landscape.store import list_groups
 
-    if Path(out).exists() and HessianResult.group in list_groups(out) and not overwrite:
-        if not resume:
-            raise LandscapeError(f"{out} already holds /hessian; pass --overwrite to replace it "
-                                 "or choose another --out")
+    if already_done(out, HessianResult.group, overwrite, resume):
         click.echo(HessianResult.load(out).table())
         return
     objective = objective_from_options(checkpoint, seed=seed, **options)

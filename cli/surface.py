@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import click
 import numpy as np
 from landscape.cli.common import (
+    already_done,
     arch_options,
     data_option,
     device_option,
@@ -210,17 +210,17 @@ def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: 
     Python:
       landscape.radius_curve(landscape.load_objective("runs/sgd.pt")).save("runs/sgd.h5")
     """
-    from landscape.analysis.radius import radius_curve
-
-    from landscape.store import list_groups
+    from landscape.analysis.radius import RadiusResult, radius_curve
 
     values = parse_grid(radii, "--radii", log=True, example="1e-3:10:25")
     levels = parse_grid(ratio_levels, "--ratio-levels") if ratio_levels else None
-    if not (overwrite or resume) and Path(out).exists() and "radius" in list_groups(out):
-        raise LandscapeError(f"{out} already holds /radius; pass --overwrite to replace it or choose another --out")
-    objective = objective_from_options(checkpoint, seed=seed, **options)
-    result = _run_with_bar("radius", "point", radius_curve, objective=objective, radii=values, draws=draws,
-                           rho_p=rho_p, seed=seed, ratio_levels=levels, out=out, resume=resume, overwrite=overwrite)
+    if already_done(out, RadiusResult.group, overwrite, resume):
+        result = RadiusResult.load(out)
+    else:
+        objective = objective_from_options(checkpoint, seed=seed, **options)
+        result = _run_with_bar("radius", "point", radius_curve, objective=objective, radii=values, draws=draws,
+                               rho_p=rho_p, seed=seed, ratio_levels=levels, out=out, resume=resume,
+                               overwrite=overwrite)
     a = result.arrays
     click.echo(f"{'radius':>10}  {'L_AWP':>10}  {'L_RWP (mean ± std)':>22}")
     for r, awp, rwp, std in zip(a["radii"], a["loss_awp"], a["loss_rwp"], a["loss_rwp_std"]):

@@ -305,7 +305,7 @@ class PointEvaluator:
         wanted = {"fold_batchnorm": (fold_batchnorm is not False) and self.bn == "eval" and not bn_recompute,
                   "channels_last": channels_last if channels_last is not None else on_cpu,
                   "linear_first_layer": linear_first_layer if linear_first_layer is not None else on_cpu,
-                  "stack_points": (not bn_recompute) if stack_points is None else stack_points}
+                  "stack_points": True if stack_points is None else stack_points}
         budget = math.inf if linear_first_layer else FIRST_LAYER_BUDGET
         plain = dict.fromkeys(wanted, False)
         with torch.no_grad():
@@ -542,7 +542,7 @@ class PointEvaluator:
 
     def _stacked_coefficients(self, points: Sequence[Sequence[float]]) -> Tensor:
         return torch.tensor([[float(c) for c in point] for point in points], dtype=self.base[0].dtype,
-                            device=self.device) if self.base else torch.zeros(len(points), 0)
+                            device=self.device)
 
     def _forward(self, split: str, batch: int, x: Tensor, at: Sequence[float] | Tensor) -> Tensor:
         """Outputs (points, len(x), ...) on ``x`` (batch ``batch`` of ``split``, or its first rows) at
