@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
+from landscape.analysis import surface
 from landscape.analysis.surface import PointEvaluator, _slabs, interpolate, loss_surface, surface_directions
 from landscape.checkpoint import save_checkpoint
 from landscape.cli.main import cli
@@ -86,7 +87,8 @@ def test_filter_normalised_directions_have_the_weights_filter_norms():
     assert abs(dot) < 1e-10 * sum(float(x[n].norm() * y[n].norm()) for n in params)
 
 
-PLAIN = {"fold_batchnorm": False, "channels_last": False, "linear_first_layer": False, "stack_points": False}
+PLAIN = {"fold_batchnorm": False, "channels_last": False, "micro_batch": False, "linear_first_layer": False,
+         "stack_points": False}
 FAST = dict.fromkeys(PLAIN, True)
 STACKED = {**PLAIN, "stack_points": 4}  # stacked points without the first-layer cache, 15 points in 4 groups
 
@@ -120,9 +122,27 @@ def test_automatic_speedups_agree_with_the_plain_path_in_float32(data):
     objective = Objective(make_model("cnn"), x.float(), y, batch_size=64)
     fast = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4)
     plain = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4, evaluator_options=PLAIN)
-    assert fast.attrs["speedups"] == {"fold_batchnorm": 3, "channels_last": True, "linear_first_layer": True,
-                                      "stack_points": 1}
+    assert fast.attrs["speedups"] == {"fold_batchnorm": 3, "channels_last": True, "micro_batch": 0,
+                                      "linear_first_layer": True, "stack_points": 1}
     assert_close(fast["train_loss"], plain["train_loss"], 1e-5, "float32 loss with and without speed-ups")
+
+
+def test_micro_batches_keep_the_exact_mean_and_skip_batch_statistics(data, monkeypatch):
+    x, y = data
+    model = make_model("cnn")
+    widest = 8 * 8 * 8 * 8  # bytes per example of the cnn's widest output: 8 float64 channels of 8x8
+    monkeypatch.setattr(surface, "MICRO_BATCH_BYTES", 5 * widest)
+    objective = Objective(model, x, y, dtype=torch.float64, batch_size=64)
+    xs, ys = np.array([-0.5, 0.75]), np.array([0.0, 1.0])
+    result = loss_surface(objective, xs, ys, seed=2, evaluator_options={"micro_batch": True})
+    assert result.attrs["speedups"]["micro_batch"] == 5
+    d1, d2 = surface_directions(objective.params, seed=2)
+    expected = np.array([[plain_metrics(perturbed(model, {n: a * d1[n] + b * d2[n] for n in d1}), x, y)
+                          for b in ys] for a in xs])
+    assert_close(result["train_loss"], expected[..., 0], 1e-10, "loss from 5-row chunks of 64-row batches")
+    assert_close(result["train_acc"], expected[..., 1], 1e-12, "accuracy from 5-row chunks")
+    batch_statistics = Objective(model, x, y, dtype=torch.float64, batch_size=64, bn="train")
+    assert PointEvaluator({"train": batch_statistics}, [d1], micro_batch=True).speedups["micro_batch"] == 0
 
 
 def test_blocks_of_points_become_few_hyperslabs():
