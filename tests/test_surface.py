@@ -127,7 +127,7 @@ def test_automatic_speedups_agree_with_the_plain_path_in_float32(data):
     assert_close(fast["train_loss"], plain["train_loss"], 1e-5, "float32 loss with and without speed-ups")
 
 
-def test_micro_batches_keep_the_exact_mean_and_skip_batch_statistics(data, monkeypatch):
+def test_micro_batches_keep_the_exact_mean_and_skip_batch_statistics_and_ignored_targets(data, monkeypatch):
     x, y = data
     model = make_model("cnn")
     widest = 8 * 8 * 8 * 8  # bytes per example of the cnn's widest output: 8 float64 channels of 8x8
@@ -143,6 +143,10 @@ def test_micro_batches_keep_the_exact_mean_and_skip_batch_statistics(data, monke
     assert_close(result["train_acc"], expected[..., 1], 1e-12, "accuracy from 5-row chunks")
     batch_statistics = Objective(model, x, y, dtype=torch.float64, batch_size=64, bn="train")
     assert PointEvaluator({"train": batch_statistics}, [d1], micro_batch=True).speedups["micro_batch"] == 0
+    ignored = y.clone()
+    ignored[::5] = -100  # a chunk's mean over the rows it keeps would weight them differently
+    with_ignored = Objective(model, x, ignored, dtype=torch.float64, batch_size=64)
+    assert PointEvaluator({"train": with_ignored}, [d1], micro_batch=True).speedups["micro_batch"] == 0
 
 
 def test_blocks_of_points_become_few_hyperslabs():

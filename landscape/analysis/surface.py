@@ -266,7 +266,7 @@ class PointEvaluator:
     - ``channels_last``: NHWC memory layout for 4-D inputs. ``None``: on CPU (oneDNN prefers it).
     - ``micro_batch``: each evaluation batch is forwarded in chunks whose largest activation fits
       :data:`MICRO_BATCH_BYTES` (weights adjusted, so the mean is unchanged). ``None``: on CPU, unless
-      BatchNorm uses batch statistics (chunks would change them).
+      BatchNorm uses batch statistics or targets hold the ignore index -100 (chunks would change either).
     - ``linear_first_layer``: the first layer's output is linear in its weights, so W0 x and each
       D_i x are computed once and combined per point. ``None``: on CPU when the cache fits
       :data:`FIRST_LAYER_BUDGET`.
@@ -371,8 +371,11 @@ class PointEvaluator:
 
     def _micro_batch_rows(self) -> int | None:
         """Rows per forward that keep the largest module output within :data:`MICRO_BATCH_BYTES`, or
-        ``None`` when every batch already does (or BatchNorm uses batch statistics)."""
+        ``None`` when every batch already does, when BatchNorm uses batch statistics, or when targets
+        hold cross-entropy's ignore index -100 (a chunk's mean would then count other rows)."""
         if self.bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.work.modules()):
+            return None
+        if any(not o.targets.is_floating_point() and bool((o.targets == -100).any()) for o in self.objectives.values()):
             return None
         largest = [0]
 
