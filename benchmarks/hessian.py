@@ -1,9 +1,11 @@
 """Hessian spectrum speed and accuracy against PyHessian 0.1 and curvlinops 3.0.1 (+ scipy eigsh).
 
-Per model (``cnn`` on digits, ``resnet18`` on seeded random CIFAR-shaped images; both at
-initialisation, BatchNorm on running statistics, float32) and the same evaluation set:
-- ``hvp``: time of one HVP (ours: forward-over-reverse; batched: per vector of a K=4 pass;
-  PyHessian's double backward) over one forward+backward (``loss.backward()``) of the whole set.
+Per model (``cnn`` on digits at initialisation; ``cnn_sgd``, the shipped SGD-trained reference
+checkpoint ``data/cnn_digits_sgd.pt``, on the same digits; ``resnet18`` at initialisation on seeded
+random CIFAR-shaped images; BatchNorm on running statistics, float32) and the same evaluation set:
+- ``hvp``: time of one HVP (ours: double backward through cached first-order graphs; also
+  ``Objective.hvp``'s forward-over-reverse, alone and per vector of a K=4 batched pass; PyHessian's
+  double backward) over one forward+backward (``loss.backward()``) of the whole set.
 - ``top5``: wall time, HVPs and largest relative eigenvalue error of ours (``hessian_spectrum``,
   tol 1e-4), PyHessian ``eigenvalues(top_n=5)`` at its defaults and at tol 1e-6, and curvlinops'
   ``HessianLinearOperator`` + ``scipy.sparse.linalg.eigsh(k=5, which="LA", tol=1e-4)``. The reference is
@@ -12,7 +14,7 @@ initialisation, BatchNorm on running statistics, float32) and the same evaluatio
   ``lanczos_approximate_spectrum(ncv=m, num_repeats=n_v)`` (no reorthogonalisation, plus its eigsh
   boundary estimate). PyHessian's ``density`` is called too and its failure recorded.
 
-    python benchmarks/hessian.py [--quick] [--device cpu|cuda] [--models cnn,resnet18] [--parts hvp,top5,slq]
+    python benchmarks/hessian.py [--quick] [--device cpu|cuda] [--models cnn,cnn_sgd,resnet18] [--parts hvp,top5,slq]
                                  [--pyhessian-cap SECONDS] [--threads N] [--tag _x]
 """
 
@@ -33,11 +35,13 @@ from _common import timeit, write_results  # noqa: E402
 
 from landscape.analysis.hessian import (  # noqa: E402
     HessianOperator, full_float32, hessian_spectrum, pyhessian_hessian, slq)
+from landscape.checkpoint import load_checkpoint  # noqa: E402
 from landscape.data import load_dataset  # noqa: E402
 from landscape.models import build_model  # noqa: E402
 from landscape.objective import Objective  # noqa: E402
 
-EXAMPLES = {"cnn": (512, 256), "resnet18": (512, 128)}   # model -> (examples, examples with --quick)
+EXAMPLES = {"cnn": (512, 256), "cnn_sgd": (512, 256), "resnet18": (512, 128)}  # model -> (examples, with --quick)
+TRAINED = {"cnn_sgd": Path(__file__).resolve().parents[1] / "data" / "cnn_digits_sgd.pt"}
 SLQ = (4, 90)                                            # n_v, Lanczos steps (halved-ish with --quick)
 TOL = 1e-4
 
@@ -57,8 +61,10 @@ def evaluation_set(name: str, examples: int) -> tuple[torch.Tensor, torch.Tensor
 
 def setup(name: str, examples: int, device: torch.device) -> tuple[torch.nn.Module, Objective, Objective]:
     torch.manual_seed(0)
-    input_shape = (3, 32, 32) if name == "resnet18" else (1, 8, 8)
-    model = build_model(name, 10, input_shape).to(device).eval()
+    if name in TRAINED:
+        model = load_checkpoint(TRAINED[name]).model.to(device).eval()
+    else:
+        model = build_model(name, 10, (3, 32, 32) if name == "resnet18" else (1, 8, 8)).to(device).eval()
     x, y = evaluation_set(name, examples)
     single = Objective(model, x, y, batch_size=256, device=device)
     double = Objective(model, x, y, batch_size=256, device=device, dtype=torch.float64)
@@ -195,7 +201,8 @@ def slq_rows(name: str, model, objective: Objective, n_v: int, steps: int) -> li
     ours = time.perf_counter() - start
     rows = [{"model": name, "part": "slq", "method": f"ours: {n_v} runs x {steps} steps, lockstep, full reorth.",
              "time_s": ours, "hvps": operator.count, "ratio": 1.0,
-             "note": f"{operator.count // operator.batch} data passes"}]
+             "note": "each vector by double backward through the cached graphs" if operator.graphs
+             else f"{operator.count // operator.batch} batched data passes"}]
 
     from curvlinops import HessianLinearOperator, lanczos_approximate_spectrum
     params = [p for p in model.parameters() if p.requires_grad]
@@ -231,7 +238,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer examples, shorter SLQ, one timing repeat")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--models", default="cnn,resnet18")
+    parser.add_argument("--models", default="cnn,cnn_sgd,resnet18")
     parser.add_argument("--parts", default="hvp,top5,slq")
     parser.add_argument("--pyhessian-cap", type=float, default=1800.0,
                         help="seconds before PyHessian's top-5 is cut off")

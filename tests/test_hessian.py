@@ -160,8 +160,9 @@ def test_operator_matches_exact_hessian_with_and_without_cached_graphs(data):
     for v, e in zip(vectors, expected):
         assert_close(partial(v[None])[0], e, 1e-10, 1e-12, "HVPs when the graphs do not fit")
     assert (len(full.graphs), len(operators[1].graphs), len(partial.graphs)) == (3, 0, 0)
-    assert_close(full(vectors), expected, 1e-10, 1e-12, "batched HVPs")
-    assert (full.count, objective.hvp_count) == (2 * 3 + 3, 2 * (2 * 3) + 3 + 3)   # every HVP counted
+    assert_close(full(vectors), expected, 1e-10, 1e-12, "several vectors through the cached graphs (CPU)")
+    assert_close(operators[1](vectors), expected, 1e-10, 1e-12, "batched forward-over-reverse HVPs")
+    assert (full.count, objective.hvp_count) == (2 * 3 + 3, 2 * (2 * 3) + 3 + 3 + 3)   # every HVP counted
 
 
 def test_thick_restart_converges_to_exact(data, monkeypatch):
