@@ -9,7 +9,9 @@ For each model the same evaluation set is forwarded once per grid point by three
   without the first-layer cache and without stacking (do they pay?), and with none (``plain``:
   the machinery's own overhead);
 - loss-landscapes' ``random_plane(..., normalization="filter", deepcopy_model=True)`` with its
-  ``Loss`` metric, under ``torch.no_grad()`` (CPU only: it creates its directions on the CPU).
+  ``Loss`` metric (loss only: less work per point than ours, the goal's comparison), and with a
+  metric returning the loss and the accuracy, as a surface of ours stores (equal work), under
+  ``torch.no_grad()`` (CPU only: it creates its directions on the CPU).
 Every method forwards the whole evaluation set as one batch per point. All-zero parameters (BatchNorm
 biases at initialisation) get small random values first, since loss-landscapes' filter normalisation
 divides by zero on them.
@@ -71,12 +73,20 @@ def ours(objective: Objective, axis: np.ndarray, out: Path, options: dict | None
     return loss_surface(objective, axis, axis, out=out, overwrite=True, evaluator_options=options).attrs["speedups"]
 
 
-def loss_landscapes_plane(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int) -> None:
+def loss_landscapes_plane(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int,
+                          accuracy: bool = False) -> None:
+    """``random_plane`` with its ``Loss`` metric, or with one that also counts correct predictions."""
     from loss_landscapes import random_plane
-    from loss_landscapes.metrics import Loss
+    from loss_landscapes.metrics import Loss, Metric
+
+    class LossAndAccuracy(Metric):
+        def __call__(self, model_wrapper) -> tuple[float, float]:
+            out = model_wrapper.forward(x)
+            return float(F.cross_entropy(out, y)), int((out.argmax(1) == y).sum()) / len(y)
+
+    metric = LossAndAccuracy() if accuracy else Loss(F.cross_entropy, x, y)
     with torch.no_grad():
-        random_plane(model, Loss(F.cross_entropy, x, y), distance=1, steps=steps, normalization="filter",
-                     deepcopy_model=True)
+        random_plane(model, metric, distance=1, steps=steps, normalization="filter", deepcopy_model=True)
 
 
 def run_case(name: str, quick: bool, device: torch.device, folder: Path) -> dict:
@@ -108,6 +118,7 @@ def run_case(name: str, quick: bool, device: torch.device, folder: Path) -> dict
         methods["ours_unstacked_s"] = lambda: ours(objective, axis, folder / "s.h5", {"stack_points": False})
     if device.type == "cpu":
         methods["loss_landscapes_s"] = lambda: loss_landscapes_plane(model, x, y, side)
+        methods["loss_landscapes_eval_s"] = lambda: loss_landscapes_plane(model, x, y, side, accuracy=True)
     times: dict[str, list[float]] = {column: [] for column in methods}
     for round_ in range(warmup + repeat):  # interleaved, so that load drifts hit every method alike
         for column, method in methods.items():
@@ -120,6 +131,7 @@ def run_case(name: str, quick: bool, device: torch.device, folder: Path) -> dict
     row["plain_vs_pure"] = row["ours_plain_s"] / row["pure_s"]
     if device.type == "cpu":
         row["speedup_vs_loss_landscapes"] = row["loss_landscapes_s"] / row["ours_s"]
+        row["speedup_vs_loss_landscapes_eval"] = row["loss_landscapes_eval_s"] / row["ours_s"]
     row["ms_per_point_ours"] = 1e3 * row["ours_s"] / points
     print({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}, flush=True)
     return row
@@ -140,6 +152,8 @@ def main() -> None:
         rows = [run_case(name, args.quick, device, Path(folder)) for name in args.models.split(",")]
     name = "surface" + ("_quick" if args.quick else "") + ("_cuda" if device.type == "cuda" else "") + args.tag
     meta = {"quick": args.quick, "device": str(device), "goals": "ours_vs_pure <= 1.1; speedup_vs_loss_landscapes >= 1.5",
+            "loss_landscapes": "loss_landscapes_s: its Loss metric (loss only); loss_landscapes_eval_s: loss and "
+                               "accuracy per point, as ours",
             "batch": "whole evaluation set per forward", "resnet18": "1000 (quick: 200) random CIFAR-shaped images, "
             "3x3 (quick: 2x2) grid", "digits": "train split, 1437 images; mlp 51x51, cnn 11x11 (quick: 11x11, 5x5)",
             "variants": "ours_s: automatic speed-ups; ours_no_cache_s: without the first-layer cache; "
