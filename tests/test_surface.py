@@ -148,6 +148,17 @@ def test_micro_batches_keep_the_exact_mean_and_skip_batch_statistics_and_ignored
     with_ignored = Objective(model, x, ignored, dtype=torch.float64, batch_size=64)
     assert PointEvaluator({"train": with_ignored}, [d1], micro_batch=True).speedups["micro_batch"] == 0
 
+    class NeedsRows(nn.Module):  # a model that cannot take a single example keeps whole batches
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            assert len(inputs) > 1, "one example"
+            return inputs
+
+    picky = nn.Sequential(copy.deepcopy(model), NeedsRows())
+    objective = Objective(picky, x, y, dtype=torch.float64, batch_size=64)
+    evaluator = PointEvaluator({"train": objective}, surface_directions(objective.params, seed=2), micro_batch=True)
+    assert evaluator.speedups["micro_batch"] == 0
+    assert_close(evaluator.evaluate([[0.0, 0.0]])["train_loss"], [plain_metrics(perturbed(model, {}), x, y)[0]], 1e-10, "loss")
+
 
 def test_blocks_of_points_become_few_hyperslabs():
     shape = (4, 3)

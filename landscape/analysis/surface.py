@@ -386,6 +386,8 @@ class PointEvaluator:
         handles = [m.register_forward_hook(measure) for m in self.work.modules() if not list(m.children())]
         try:
             self.work(self._arrange(next(self.objectives[self.primary].batches())[0][:1]))
+        except Exception:  # noqa: BLE001 - a model that cannot take a single example keeps its batches
+            return None
         finally:
             for handle in handles:
                 handle.remove()
