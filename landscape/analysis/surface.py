@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from landscape.errors import LandscapeError
-from landscape.objective import Objective, accuracy_count, batchnorm_mode
+from landscape.objective import Objective, accuracy_count, batchnorm_mode, has_batchnorm
 from landscape.params import difference, flatten, global_norm, orthogonalize, random_direction, unflatten
 from landscape.results import Result
 from landscape.store import IncrementalGroup, MemoryGroup, provenance, read_group
@@ -307,6 +307,7 @@ class PointEvaluator:
             raise LandscapeError("recomputing BatchNorm statistics is for eval mode (running statistics); "
                                  "use --bn eval with --bn-recompute, or drop --bn-recompute")
         self.bn_recompute = bn_recompute
+        self.batch_statistics = self.bn == "train" and has_batchnorm(first.model)  # rows of a forward interact
         self._statistics: dict[nn.Module, list] | None = None
         on_cpu = self.device.type == "cpu"
         wanted = {"fold_batchnorm": (fold_batchnorm is not False) and self.bn == "eval" and not bn_recompute,
@@ -373,7 +374,7 @@ class PointEvaluator:
         """Rows per forward that keep the largest module output within :data:`MICRO_BATCH_BYTES`, or
         ``None`` when every batch already does, when BatchNorm uses batch statistics, or when targets
         hold cross-entropy's ignore index -100 (a chunk's mean would then count other rows)."""
-        if self.bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.work.modules()):
+        if self.batch_statistics:
             return None
         if any(not o.targets.is_floating_point() and bool((o.targets == -100).any()) for o in self.objectives.values()):
             return None
@@ -491,7 +492,7 @@ class PointEvaluator:
         (but the first-layer cache) moves; returns the points per forward (1: no stacking)."""
         if request is False or (not isinstance(request, bool) and request < 2) or self.bn_recompute:
             return 1
-        if not self.names or (self.bn == "train" and any(isinstance(m, _BATCHNORM) for m in self.work.modules())):
+        if not self.names or self.batch_statistics:
             return 1
         owners: dict[str, dict[str, int]] = {}
         for i, name in enumerate(self.names):
