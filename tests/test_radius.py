@@ -1,8 +1,6 @@
 """Perturbed loss versus radius: closed forms on a quadratic, hand-built perturbations on digits, the radius ratio."""
 
 import copy
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -11,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clitools import kill_after_progress
 from torch import nn
 
 from landscape.analysis.radius import radius_curve, radius_ratio
@@ -128,11 +127,7 @@ def test_radius_resumes_after_sigkill_with_nothing_lost_or_recomputed(tmp_path):
 
     out, reference = tmp_path / "killed.h5", tmp_path / "reference.h5"
     worker = run(out, "fresh", stop=9)
-    for line in worker.stdout:
-        if int(line.split()[0]) >= 9:
-            break
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
+    kill_after_progress(worker, 9)
     partial = tmp_path / "killed.h5.radius.partial"
     assert partial.exists() and not out.exists()
     resumed = run(out, "resume")

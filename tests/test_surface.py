@@ -2,7 +2,6 @@
 
 import copy
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from clitools import kill_after_progress
 from torch import nn
 
 from landscape.analysis import surface
@@ -332,11 +332,7 @@ def run_script(tmp_path: Path, out: Path, mode: str, **env: str) -> subprocess.P
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
     out, reference = tmp_path / "killed.h5", tmp_path / "reference.h5"
     worker = run_script(tmp_path, out, "fresh", SLOW="0.01", STOP_AFTER="7")
-    for line in worker.stdout:
-        if int(line.split()[0]) >= 7:
-            break
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
+    kill_after_progress(worker, 7)
     partial = tmp_path / "killed.h5.surface.partial"
     with h5py.File(partial, "r") as handle:
         done_before = int(handle["done"][()].sum())
