@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
+import math
 import os
 import platform
 import shutil
@@ -26,6 +27,7 @@ import numpy as np
 from landscape.errors import LandscapeError
 
 _JSON_PREFIXES = ("{", "[")
+CHUNK_VALUES = 4096  # float64 values per chunk of an incremental dataset at most (32 KiB), unless one unit is larger
 
 
 def _open(path: str | Path, mode: str) -> h5py.File:
@@ -150,7 +152,8 @@ class IncrementalGroup:
         path: the main results file.
         group: the group name, e.g. ``surface``.
         datasets: ``{name: trailing_shape}`` per unit; stored with shape ``unit_shape + trailing_shape``,
-            float64, NaN-filled, chunked one unit per chunk.
+            float64, NaN-filled, chunked by runs along the last unit axis (a grid row for scalar units,
+            one unit when the trailing shape is large): the slabs that a flush writes.
         unit_shape: the grid of units, e.g. ``(51, 51)``.
         attrs: provenance and config; a resume must present the same ``config``.
         static: arrays known up front (coordinates, directions), written once.
@@ -185,13 +188,20 @@ class IncrementalGroup:
             _write_tree(root, dict(static or {}), attrs)
             for name, trailing in datasets.items():
                 shape = self.unit_shape + tuple(trailing)
-                root.create_dataset(name, shape=shape, dtype="f8", fillvalue=np.nan,
-                                    chunks=(1,) * len(self.unit_shape) + tuple(max(1, s) for s in trailing))
+                root.create_dataset(name, shape=shape, dtype="f8", fillvalue=np.nan, chunks=self._chunks(trailing))
             root.create_dataset("done", shape=self.unit_shape, dtype=bool, fillvalue=False,
                                 chunks=self.unit_shape or None)
             self.handle.flush()
         else:
             self._check_config(self.handle, attrs, self.partial)
+
+    def _chunks(self, trailing: tuple[int, ...]) -> tuple[int, ...]:
+        """One chunk per run of units along the last unit axis, of at most :data:`CHUNK_VALUES` values."""
+        trailing = tuple(max(1, s) for s in trailing)
+        if not self.unit_shape:
+            return trailing
+        run = max(1, min(self.unit_shape[-1], CHUNK_VALUES // math.prod(trailing)))
+        return (1,) * (len(self.unit_shape) - 1) + (run,) + trailing
 
     @staticmethod
     def _check_config(group: h5py.Group, attrs: Mapping[str, Any], where: Path) -> None:

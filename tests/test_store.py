@@ -144,3 +144,15 @@ def test_resume_of_a_complete_group_is_a_no_op(tmp_path):
     np.testing.assert_array_equal(again.arrays()["v"], [1.0, 1.0])
     with pytest.raises(LandscapeError, match="--overwrite"):
         store.IncrementalGroup(path, "g", {"v": ()}, (2,), {"config": {}})
+
+
+def test_incremental_chunks_are_runs_of_units_along_the_last_axis(tmp_path):
+    """A grid row per chunk for scalar units (what a flush writes); one unit per chunk once a unit is large."""
+    run = store.IncrementalGroup(tmp_path / "r.h5", "g", {"loss": (), "curve": (3,), "vector": (10_000,)},
+                                 (51, 60), {"config": {}})
+    chunks = {name: run.handle[name].chunks for name in ("loss", "curve", "vector")}
+    run.close()
+    assert chunks == {"loss": (1, 60), "curve": (1, 60, 3), "vector": (1, 1, 10_000)}
+    long = store.IncrementalGroup(tmp_path / "long.h5", "g", {"loss": ()}, (100_000,), {"config": {}})
+    assert long.handle["loss"].chunks == (store.CHUNK_VALUES,)
+    long.close()
