@@ -283,6 +283,34 @@ def test_stacked_cross_entropy_skips_ignored_targets_like_torch(data):
     assert_close(stacked.evaluate(points)["train_loss"], plain.evaluate(points)["train_loss"], 1e-12, "loss")
 
 
+class LogSoftmaxOutput(nn.Module):
+    """An MLP that returns log-probabilities: its last Linear layer's output is not the model's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.log_softmax(self.fc2(torch.relu(self.fc1(x.flatten(1)))), dim=1)
+
+
+@pytest.mark.parametrize("head_is_output", [True, False])
+def test_stacked_scores_by_point_only_when_the_head_gives_the_models_output(data, head_is_output):
+    x, y = data
+    torch.manual_seed(0)
+    model = make_model("mlp").double() if head_is_output else LogSoftmaxOutput().double()
+    objective = Objective(model, x, y, batch_size=64)
+    directions = surface_directions(objective.params, seed=2)
+    stacked = PointEvaluator({"train": objective}, directions, stack_points=3)
+    assert stacked.speedups["stack_points"] == 3 and stacked.scores_by_point == head_is_output
+    points = [[0.3, -0.2], [1.0, 0.5], [-0.7, 0.0], [0.1, 0.1]]
+    got = stacked.evaluate(points)
+    expected = np.array([plain_metrics(perturbed(model, {n: a * directions[0][n] + b * directions[1][n]
+                                                        for n in directions[0]}), x, y) for a, b in points])
+    assert_close(got["train_loss"], expected[:, 0], 1e-12, "loss")
+    assert_close(got["train_acc"], expected[:, 1], 1e-12, "accuracy")
+
+
 def test_interpolating_a_model_with_itself_is_flat(data):
     x, y = data
     model = make_model("mlp").double()

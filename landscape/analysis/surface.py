@@ -226,30 +226,37 @@ class _StackedLinear(nn.Module):
     The input rows come as P equal blocks; block p sees the weights base + Σ_i c_pi D_i with
     ``coefficients`` (a (P, k) tensor) set by the evaluator before each forward. ``pad`` zero
     output features are computed and dropped (CPU GEMMs run narrow outputs such as 10 classes
-    twice as fast at a multiple of 8).
+    twice as fast at a multiple of 8). With ``points_first`` (a head whose output is the model's)
+    the output is (P, rows, out), a view of a (P, out, rows) product: reductions over the features,
+    such as a loss's, then run along contiguous rows.
     """
 
     def __init__(self, weight: Tensor, bias: Tensor | None, weight_directions: Tensor,
-                 bias_directions: Tensor | None, pad: int = 0) -> None:
+                 bias_directions: Tensor | None, pad: int = 0, points_first: bool = False) -> None:
         super().__init__()
-        self.features = len(weight)
+        self.features, self.points_first = len(weight), points_first
         rows = (0, 0, 0, pad)  # zero rows appended to (.., out, in) tensors
-        self.weight = F.pad(weight, rows)  # (out, in)
-        self.weight_directions = F.pad(weight_directions, rows)  # (k, out, in)
-        self.bias = None if bias is None else F.pad(bias, (0, pad))  # (out,)
+        self.shape = (len(weight) + pad, weight.shape[1])
+        self.weight = F.pad(weight, rows).reshape(1, -1)  # (1, out * in)
+        self.weight_directions = F.pad(weight_directions, rows).flatten(1)  # (k, out * in)
+        self.bias = None if bias is None else F.pad(bias, (0, pad)).reshape(1, -1)  # (1, out)
         self.bias_directions = None if bias_directions is None else F.pad(bias_directions, (0, pad))  # (k, out)
         self.coefficients = torch.zeros(1, len(weight_directions), dtype=weight.dtype, device=weight.device)
 
     def forward(self, x: Tensor) -> Tensor:
         c = self.coefficients
-        weight = self.weight + torch.tensordot(c, self.weight_directions, 1)  # (P, out, in)
+        weight = torch.addmm(self.weight, c, self.weight_directions).view(len(c), *self.shape)  # (P, out, in)
         blocks = x.reshape(len(c), -1, x.shape[-1])
-        if self.bias is None:
-            out = torch.bmm(blocks, weight.transpose(1, 2))
-        else:
+        bias = None
+        if self.bias is not None:  # (P, out)
             moved = self.bias_directions is not None
-            bias = self.bias + c @ self.bias_directions if moved else self.bias.expand(len(c), -1)  # (P, out)
-            out = torch.baddbmm(bias.unsqueeze(1), blocks, weight.transpose(1, 2))
+            bias = torch.addmm(self.bias, c, self.bias_directions) if moved else self.bias.expand(len(c), -1)
+        if self.points_first:
+            columns = blocks.transpose(1, 2)
+            out = torch.bmm(weight, columns) if bias is None else torch.baddbmm(bias.unsqueeze(2), weight, columns)
+            return out.transpose(1, 2)
+        out = (torch.bmm(blocks, weight.transpose(1, 2)) if bias is None
+               else torch.baddbmm(bias.unsqueeze(1), blocks, weight.transpose(1, 2)))
         return out[..., :self.features].reshape(*x.shape[:-1], -1)
 
 
@@ -363,6 +370,7 @@ class PointEvaluator:
                         for split, o in self.objectives.items()}
         self.cache: _CachedFirstLayer | None = None
         self._stacked: list[_StackedLinear] = []
+        self.scores_by_point = False  # stacked class scores come as (points, rows, classes)
         folded = self._fold_batchnorm() if wanted["fold_batchnorm"] else 0
         self._move(())  # the (folded) base
         self.speedups = {"fold_batchnorm": folded, "channels_last": self._layout is not None, "micro_batch": rows or 0,
@@ -514,6 +522,7 @@ class PointEvaluator:
                 return 1
         if self.device.type == "cpu":
             _keep_freed_memory()
+        head = self._output_layer(list(owners)) if self._plain_cross_entropy() else None
         for path, moving in owners.items():
             layer = self.work.get_submodule(path)
             tensors, directions = {}, {}
@@ -525,11 +534,34 @@ class PointEvaluator:
                 directions["weight"] = torch.zeros(len(self.directions), *layer.weight.shape, dtype=layer.weight.dtype,
                                                    device=layer.weight.device)
             features = layer.out_features
-            pad = -features % 8 if self.device.type == "cpu" and 8 < features < 64 else 0
-            stacked = _StackedLinear(tensors["weight"], tensors["bias"], directions["weight"], directions["bias"], pad)
+            pad = -features % 8 if self.device.type == "cpu" and 8 < features < 64 and path != head else 0
+            stacked = _StackedLinear(tensors["weight"], tensors["bias"], directions["weight"], directions["bias"], pad,
+                                     points_first=path == head)
             self._swap(path, stacked)
             self._stacked.append(stacked)
+        self.scores_by_point = head is not None
         return int(request)
+
+    def _plain_cross_entropy(self) -> bool:
+        """Whether every split's loss is cross-entropy on class indices, none of them ignored."""
+        return all(o.loss_fn is F.cross_entropy and not o.targets.is_floating_point() and not bool((o.targets == -100).any())
+                   for o in self.objectives.values())
+
+    def _output_layer(self, paths: Sequence[str]) -> str | None:
+        """The one of the layers ``paths`` whose output the model returns unchanged, if any."""
+        outputs: dict[str, Any] = {}
+
+        def record(path: str) -> Callable:
+            return lambda module, inputs, output: outputs.__setitem__(path, output)
+
+        handles = [self.work.get_submodule(path).register_forward_hook(record(path)) for path in paths]
+        try:
+            self._select(self.primary, 0, [0.0] * len(self.directions))
+            result = self.work(self.batches[self.primary][0][0][:2])
+        finally:
+            for handle in handles:
+                handle.remove()
+        return next((path for path, output in outputs.items() if output is result), None)
 
     # -- BatchNorm statistics ------------------------------------------------------------------------
 
@@ -590,7 +622,7 @@ class PointEvaluator:
         if self.stack == 1:
             return self.work(x).unsqueeze(0)
         out = self.work(x if self.cache is not None else x.repeat(len(at), *[1] * (x.ndim - 1)))
-        return out.view(len(at), len(x), *out.shape[1:])
+        return out if self.scores_by_point else out.view(len(at), len(x), *out.shape[1:])
 
     def _pass(self, split: str, at: Sequence[float] | Tensor) -> Tensor:
         """(points, 2): mean loss and accuracy over the split's evaluation set at ``at`` (see :meth:`_forward`)."""
@@ -599,8 +631,11 @@ class PointEvaluator:
         correct: Tensor | int = 0
         for batch, (x, y, weight) in enumerate(self.batches[split]):
             out = self._forward(split, batch, x, at)
-            total = total + _point_losses(objective.loss_fn, out, y) * weight
-            correct = correct + _point_correct(out, y)
+            if self.scores_by_point:
+                losses, hits = _cross_entropy_and_correct(out, y)
+            else:
+                losses, hits = _point_losses(objective.loss_fn, out, y), _point_correct(out, y)
+            total, correct = total + losses * weight, correct + hits
         return torch.stack([total, correct.double() / objective.num_examples], dim=1)
 
     def evaluate(self, points: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
@@ -650,6 +685,15 @@ def _point_losses(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Tensor, 
             return losses.mean(1)
         return losses.sum(1) / (targets != -100).sum()  # the mean over targets not ignored, as F.cross_entropy
     return torch.stack([loss_fn(out, targets) for out in outputs]).double()
+
+
+def _cross_entropy_and_correct(scores: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(points,) float64 mean cross-entropy and correct argmax predictions from class ``scores``
+    (points, rows, classes) against class indices ``targets`` (rows,), from one max over the classes."""
+    top, predicted = scores.max(dim=-1)
+    log_normaliser = (scores - top.unsqueeze(-1)).exp_().sum(-1).log_().add_(top)
+    picked = scores.gather(-1, targets.expand(len(scores), -1).unsqueeze(-1)).squeeze(-1)
+    return (log_normaliser - picked).double().mean(1), (predicted == targets).sum(1)
 
 
 def _point_correct(outputs: Tensor, targets: Tensor) -> Tensor:
