@@ -1,0 +1,35 @@
+"""The CUDA paths of the surface evaluator, against hand-built float64 models on the CPU (skipped without a GPU)."""
+
+import numpy as np
+import pytest
+import torch
+from test_surface import assert_close, make_model, perturbed, plain_metrics
+
+from landscape.analysis.surface import PointEvaluator, surface_directions
+from landscape.data import eval_subset
+from landscape.objective import Objective
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="module")
+def data(digits):
+    x, y, _ = eval_subset(*digits.split("train"), 160, 0)
+    return x.double(), y
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_cuda_surface_points_equal_hand_built_cpu_models(data, name):
+    x, y = data
+    model = make_model(name)
+    objective = Objective(model, x, y, dtype=torch.float64, batch_size=64, device="cuda")
+    directions = surface_directions(objective.params, seed=3)
+    evaluator = PointEvaluator({"train": objective}, directions)
+    assert (evaluator.speedups["stack_points"] > 1) == (name == "mlp"), evaluator.speedups
+    points = [[0.3, -0.2], [1.0, 0.5], [-0.7, 0.0], [0.0, 0.0], [0.25, 0.9]]
+    got = evaluator.evaluate(points)
+    cpu = {n: t.cpu() for n, t in directions[0].items()}, {n: t.cpu() for n, t in directions[1].items()}
+    expected = np.array([plain_metrics(perturbed(model, {n: a * cpu[0][n] + b * cpu[1][n] for n in cpu[0]}),
+                                       x, y) for a, b in points])
+    assert_close(got["train_loss"], expected[:, 0], 1e-9, f"{name} loss on CUDA")
+    assert_close(got["train_acc"], expected[:, 1], 1e-12, f"{name} accuracy on CUDA")
