@@ -39,7 +39,7 @@ from landscape.data import load_dataset  # noqa: E402
 from landscape.models import build_model  # noqa: E402
 from landscape.objective import Objective  # noqa: E402
 
-PLAIN = ("fold_batchnorm", "channels_last", "micro_batch", "linear_first_layer", "stack_points")
+PLAIN = ("fold_batchnorm", "channels_last", "micro_batch", "linear_first_layer", "stack_points", "inplace_activations")
 # model -> (grid side, grid side with --quick, examples, examples with --quick, timing repeats)
 CASES = {"mlp": (51, 11, None, None, 3), "cnn": (11, 5, None, None, 3), "resnet18": (3, 2, 1000, 200, 1)}
 

@@ -88,7 +88,7 @@ def test_filter_normalised_directions_have_the_weights_filter_norms():
 
 
 PLAIN = {"fold_batchnorm": False, "channels_last": False, "micro_batch": False, "linear_first_layer": False,
-         "stack_points": False}
+         "stack_points": False, "inplace_activations": False}
 FAST = dict.fromkeys(PLAIN, True)
 STACKED = {**PLAIN, "stack_points": 4}  # stacked points without the first-layer cache, 15 points in 4 groups
 
@@ -123,7 +123,7 @@ def test_automatic_speedups_agree_with_the_plain_path_in_float32(data):
     fast = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4)
     plain = loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 3), seed=4, evaluator_options=PLAIN)
     assert fast.attrs["speedups"] == {"fold_batchnorm": 3, "channels_last": True, "micro_batch": 0,
-                                      "linear_first_layer": True, "stack_points": 1}
+                                      "linear_first_layer": True, "stack_points": 1, "inplace_activations": 3}
     assert_close(fast["train_loss"], plain["train_loss"], 1e-5, "float32 loss with and without speed-ups")
 
 
@@ -309,6 +309,37 @@ def test_stacked_scores_by_point_only_when_the_head_gives_the_models_output(data
                                                         for n in directions[0]}), x, y) for a, b in points])
     assert_close(got["train_loss"], expected[:, 0], 1e-12, "loss")
     assert_close(got["train_acc"], expected[:, 1], 1e-12, "accuracy")
+
+
+class SharedActivation(nn.Module):
+    """``act`` runs on a fresh layer output and on one read again later; ``out_act`` on a fresh sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.head = nn.Linear(64, 16), nn.Linear(16, 16), nn.Linear(16, 10)
+        self.act, self.out_act = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc1(x.flatten(1))
+        mixed = self.fc2(self.act(self.act(hidden) + 0.5)) + hidden  # hidden is read after act
+        return self.head(self.out_act(mixed))
+
+
+def test_activations_overwrite_only_tensors_nothing_else_reads(data):
+    x, y = data
+    torch.manual_seed(0)
+    model = SharedActivation().double().eval()
+    assert surface._activations_on_fresh_tensors(model, surface._sole_inputs(model)) == ["out_act"]
+    objective = Objective(model, x, y, batch_size=64)
+    directions = surface_directions(objective.params, seed=2)
+    fast = PointEvaluator({"train": objective}, directions)
+    assert fast.speedups["inplace_activations"] == 1
+    points = [[0.3, -0.2], [1.0, 0.5], [-0.7, 0.0]]
+    got = fast.evaluate(points)
+    expected = np.array([plain_metrics(perturbed(model, {n: a * directions[0][n] + b * directions[1][n]
+                                                        for n in directions[0]}), x, y) for a, b in points])
+    assert_close(got["train_loss"], expected[:, 0], 1e-12, "loss")
+    assert not model.out_act.inplace, "the objective's own model is never changed"
 
 
 def test_interpolating_a_model_with_itself_is_flat(data):

@@ -23,6 +23,7 @@ import ctypes
 import functools
 import hashlib
 import math
+import operator
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -55,6 +56,8 @@ METRICS = ("loss", "acc")
 _BATCHNORM = nn.modules.batchnorm._BatchNorm
 _FOLDABLE_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _FOLDABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_INPLACE_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ELU, nn.CELU, nn.SELU, nn.SiLU, nn.Mish, nn.Hardswish)
+Traced = tuple[list[tuple[torch.fx.Node, torch.fx.Node]], Counter]  # see _sole_inputs
 Progress = Callable[[int, int], None]  # (points done, points in total)
 
 
@@ -168,23 +171,40 @@ def _first_parametric_call(model: nn.Module, x: Tensor) -> tuple[nn.Module, Tens
     return found[0] if found and isinstance(found[0][1], Tensor) else None
 
 
-def _conv_batchnorm_pairs(model: nn.Module) -> list[tuple[str, str]]:
-    """(layer, BatchNorm) module paths where the BatchNorm's only input is a Conv/Linear layer's output
-    that nothing else uses, each called once (found on a ``torch.fx`` trace; none if tracing fails)."""
+def _sole_inputs(model: nn.Module) -> Traced:
+    """From a ``torch.fx`` trace of ``model``: the (producer, module call) node pairs where the call's
+    only input is the producer's output and nothing else uses that output, and how often each module
+    is called. Nothing if tracing fails."""
     try:
         graph = torch.fx.symbolic_trace(model).graph
-    except Exception:  # noqa: BLE001 - any untraceable model simply gets no folding
-        return []
+    except Exception:  # noqa: BLE001 - an untraceable model simply gets no folding and no in-place activations
+        return [], Counter()
+    pairs = [(node.args[0], node) for node in graph.nodes
+             if node.op == "call_module" and len(node.args) == 1 and not node.kwargs
+             and isinstance(node.args[0], torch.fx.Node) and len(node.args[0].users) == 1]
+    return pairs, Counter(node.target for node in graph.nodes if node.op == "call_module")
+
+
+def _conv_batchnorm_pairs(model: nn.Module, traced: Traced) -> list[tuple[str, str]]:
+    """(layer, BatchNorm) module paths where the BatchNorm's only input is a Conv/Linear layer's output
+    that nothing else uses, each called once."""
+    pairs, calls = traced
     modules = dict(model.named_modules())
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
-    pairs = []
-    for node in graph.nodes:
-        source = node.args[0] if node.op == "call_module" and len(node.args) == 1 else None
-        if (isinstance(source, torch.fx.Node) and source.op == "call_module" and len(source.users) == 1
-                and type(modules[node.target]) in _FOLDABLE_NORMS and type(modules[source.target]) in _FOLDABLE_LAYERS
-                and modules[node.target].running_mean is not None and calls[node.target] == calls[source.target] == 1):
-            pairs.append((source.target, node.target))
-    return pairs
+    return [(source.target, node.target) for source, node in pairs
+            if source.op == "call_module" and type(modules[node.target]) in _FOLDABLE_NORMS
+            and type(modules[source.target]) in _FOLDABLE_LAYERS and modules[node.target].running_mean is not None
+            and calls[node.target] == calls[source.target] == 1]
+
+
+def _activations_on_fresh_tensors(model: nn.Module, traced: Traced) -> list[str]:
+    """Paths of activation modules every call of which gets a new tensor that nothing else uses (a
+    Conv/Linear/BatchNorm output or a sum), so they may overwrite it."""
+    pairs, calls = traced
+    modules = dict(model.named_modules())
+    fresh = Counter(node.target for source, node in pairs if isinstance(modules[node.target], _INPLACE_ACTIVATIONS) and (
+        (source.op == "call_module" and isinstance(modules[source.target], _FOLDABLE_LAYERS + (_BATCHNORM,)))
+        or (source.op == "call_function" and source.target in (operator.add, torch.add))))
+    return [path for path, count in fresh.items() if count == calls[path]]
 
 
 class _CachedFirstLayer(nn.Module):
@@ -282,6 +302,9 @@ class PointEvaluator:
       by that point's weights. ``None``/``True``: as many as :data:`STACK_BYTES` and
       :data:`MAX_STACK` allow (without ``bn_recompute``); an int: that many; ``False``: one point
       per forward. Batch-statistics BatchNorm rules it out.
+    - ``inplace_activations``: activation modules (ReLU and kin) whose input is a fresh Conv/Linear/
+      BatchNorm output or sum that nothing else reads overwrite it (in the private copy), which saves
+      a pass over memory per activation. ``None``: always.
 
     The optimised copy is checked against the plain one at two generic points on a few examples; if
     it fails or differs (an unusual model), stacking is dropped, then every speed-up.
@@ -301,7 +324,7 @@ class PointEvaluator:
     def __init__(self, objectives: Mapping[str, Objective], directions: Sequence[Mapping[str, Tensor]], *,
                  bn_recompute: bool = False, fold_batchnorm: bool | None = None, channels_last: bool | None = None,
                  micro_batch: bool | None = None, linear_first_layer: bool | None = None,
-                 stack_points: bool | int | None = None) -> None:
+                 stack_points: bool | int | None = None, inplace_activations: bool | None = None) -> None:
         self.objectives = dict(objectives)
         first = next(iter(self.objectives.values()))
         self.primary, self.bn, self.device = next(iter(self.objectives)), first.bn, first.device
@@ -321,7 +344,8 @@ class PointEvaluator:
                   "channels_last": channels_last if channels_last is not None else on_cpu,
                   "micro_batch": micro_batch if micro_batch is not None else on_cpu,
                   "linear_first_layer": linear_first_layer if linear_first_layer is not None else on_cpu,
-                  "stack_points": True if stack_points is None else stack_points}
+                  "stack_points": True if stack_points is None else stack_points,
+                  "inplace_activations": inplace_activations is not False}
         budget = math.inf if linear_first_layer else FIRST_LAYER_BUDGET
         plain = dict.fromkeys(wanted, False)
         with torch.no_grad():
@@ -341,6 +365,7 @@ class PointEvaluator:
                budget: float) -> None:
         """Make the private copy at the base weights, with the ``wanted`` speed-ups where they apply."""
         self.work = copy.deepcopy(first.model).to(device=first.device, dtype=first.dtype)
+        traced = _sole_inputs(self.work) if wanted["fold_batchnorm"] or wanted["inplace_activations"] else ([], Counter())
         self._layout = torch.channels_last if wanted["channels_last"] and _has_conv2d(self.work) else None
         if self._layout is not None:
             self.work.to(memory_format=self._layout)
@@ -371,12 +396,16 @@ class PointEvaluator:
         self.cache: _CachedFirstLayer | None = None
         self._stacked: list[_StackedLinear] = []
         self.scores_by_point = False  # stacked class scores come as (points, rows, classes)
-        folded = self._fold_batchnorm() if wanted["fold_batchnorm"] else 0
+        overwritten = _activations_on_fresh_tensors(self.work, traced) if wanted["inplace_activations"] else []
+        folded = self._fold_batchnorm(traced) if wanted["fold_batchnorm"] else 0
         self._move(())  # the (folded) base
         self.speedups = {"fold_batchnorm": folded, "channels_last": self._layout is not None, "micro_batch": rows or 0,
                          "linear_first_layer": bool(wanted["linear_first_layer"]) and self._install_cache(budget)}
         self.stack = self._install_stacking(wanted["stack_points"])
         self.speedups["stack_points"] = self.stack
+        for path in overwritten:
+            self.work.get_submodule(path).inplace = True
+        self.speedups["inplace_activations"] = len(overwritten)
 
     def _micro_batch_rows(self) -> int | None:
         """Rows per forward that keep the largest module output within :data:`MICRO_BATCH_BYTES`, or
@@ -440,11 +469,11 @@ class PointEvaluator:
         return candidate.shape == reference.shape and torch.allclose(
             candidate, reference, rtol=tolerance, atol=tolerance * max(scale, 1e-30))
 
-    def _fold_batchnorm(self) -> int:
+    def _fold_batchnorm(self, traced: Traced) -> int:
         """Fold each eval-mode BatchNorm that no direction moves into its Conv/Linear layer; returns how many."""
         index = {n: i for i, n in enumerate(self.names)}
         folded = 0
-        for layer_path, norm_path in _conv_batchnorm_pairs(self.work):
+        for layer_path, norm_path in _conv_batchnorm_pairs(self.work, traced):
             layer, norm = self.work.get_submodule(layer_path), self.work.get_submodule(norm_path)
             if any(f"{norm_path}.{key}" in index for key, _ in (*norm.named_parameters(), *norm.named_buffers())):
                 continue
