@@ -905,9 +905,9 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
         out, resume, overwrite: write ``/surface`` of this HDF5 file incrementally; ``resume``
             continues an interrupted run (same options required), ``overwrite`` starts over.
         evaluator_options: speed-up switches of :class:`PointEvaluator` (``fold_batchnorm``,
-            ``channels_last``, ``micro_batch``, ``linear_first_layer``: True/False/None for automatic;
-            ``stack_points``: also an int); the values agree up to floating-point rounding either
-            way. ``attrs["speedups"]`` says what was used.
+            ``channels_last``, ``micro_batch``, ``linear_first_layer``, ``inplace_activations``:
+            True/False/None for automatic; ``stack_points``: also an int); the values agree up to
+            floating-point rounding either way. ``attrs["speedups"]`` says what was used.
         progress: called as ``progress(points_done, points_total)`` after each written block.
         flush_seconds: finished points are written at least this often (0: after every point).
 
