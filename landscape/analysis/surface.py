@@ -338,6 +338,8 @@ class PointEvaluator:
                                  "use --bn eval with --bn-recompute, or drop --bn-recompute")
         self.bn_recompute = bn_recompute
         self.batch_statistics = self.bn == "train" and has_batchnorm(first.model)  # rows of a forward interact
+        self.ignored_targets = any(not o.targets.is_floating_point() and bool((o.targets == -100).any())
+                                   for o in self.objectives.values())  # cross-entropy's ignore index
         self._statistics: dict[nn.Module, list] | None = None
         on_cpu = self.device.type == "cpu"
         wanted = {"fold_batchnorm": (fold_batchnorm is not False) and self.bn == "eval" and not bn_recompute,
@@ -411,9 +413,7 @@ class PointEvaluator:
         """Rows per forward that keep the largest module output within :data:`MICRO_BATCH_BYTES`, or
         ``None`` when every batch already does, when BatchNorm uses batch statistics, or when targets
         hold cross-entropy's ignore index -100 (a chunk's mean would then count other rows)."""
-        if self.batch_statistics:
-            return None
-        if any(not o.targets.is_floating_point() and bool((o.targets == -100).any()) for o in self.objectives.values()):
+        if self.batch_statistics or self.ignored_targets:
             return None
         largest = [0]
 
@@ -573,8 +573,8 @@ class PointEvaluator:
 
     def _plain_cross_entropy(self) -> bool:
         """Whether every split's loss is cross-entropy on class indices, none of them ignored."""
-        return all(o.loss_fn is F.cross_entropy and not o.targets.is_floating_point() and not bool((o.targets == -100).any())
-                   for o in self.objectives.values())
+        return not self.ignored_targets and all(o.loss_fn is F.cross_entropy and not o.targets.is_floating_point()
+                                                for o in self.objectives.values())
 
     def _output_layer(self, paths: Sequence[str]) -> str | None:
         """The one of the layers ``paths`` whose output the model returns unchanged, if any."""
