@@ -14,7 +14,7 @@ import torch
 from clitools import invoke
 from torch import nn
 
-from landscape.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from landscape.checkpoint import load_checkpoint, save_checkpoint
 from landscape.errors import LandscapeError
 from landscape.models import build_model
 from landscape.objective import load_objective
@@ -111,6 +111,7 @@ def test_a_second_checkpoint_is_checked_too(command, shell_attack, marker, cnn, 
 
 def test_python_api_refuses_recorded_code_unless_trusted(shell_attack, marker, cnn, tmp_path):
     from landscape.analysis.surface import interpolate
+    from landscape.checkpoint import read_checkpoint
 
     with pytest.raises(LandscapeError, match="names code in its 'arch' field"):
         load_checkpoint(shell_attack)
