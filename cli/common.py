@@ -47,13 +47,15 @@ def parse_json_object(ctx: click.Context, param: click.Parameter, value: str | N
     return parsed
 
 
+trust_option = click.option("--trust", is_flag=True, default=False,
+                            help="Allow loading pickled modules/TorchScript and module:function names recorded in "
+                                 "the file (runs code from the file: only for files you trust).")
 arch_options = _compose(
     click.option("--arch", default=None, metavar="NAME|module:function",
                  help="Architecture for foreign checkpoints (see `landscape models`)."),
     click.option("--arch-kwargs", default=None, callback=parse_json_object, metavar="JSON",
                  help="Keyword arguments for --arch, as a JSON object."),
-    click.option("--trust", is_flag=True, default=False,
-                 help="Allow loading pickled modules/TorchScript (runs code from the file: only for files you trust)."),
+    trust_option,
 )
 
 

@@ -7,23 +7,28 @@ from pathlib import Path
 from typing import Any
 
 import click
-from landscape.cli.common import arch_options, echo_registry
+from landscape.cli.common import echo_registry, trust_option
 
 from landscape.errors import LandscapeError
 
 CHECKPOINT_FIELDS = ("format", "arch", "arch_kwargs", "dataset", "optimizer", "optimizer_hparams", "metrics",
                      "seed", "versions", "extra")
+BATCHNORM_STATISTICS = ("running_mean", "running_var")
 
 
-def checkpoint_summary(path: str, arch: str | None = None, arch_kwargs: dict | None = None,
-                       trust: bool = False) -> dict[str, Any]:
-    """Metadata of a checkpoint plus its parameter count and SHA-256."""
-    from landscape.checkpoint import load_checkpoint
+def checkpoint_summary(path: str, trust: bool = False) -> dict[str, Any]:
+    """Metadata of a checkpoint plus its parameter count and SHA-256; builds and imports nothing.
 
-    checkpoint = load_checkpoint(path, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+    ``parameters`` counts the elements of the floating-point tensors in the state_dict other than
+    BatchNorm running statistics (so it equals the model's parameter count for the built-in models).
+    """
+    from landscape.checkpoint import read_checkpoint
+
+    checkpoint = read_checkpoint(path, trust=trust)
     summary = {"file": path, "sha256": checkpoint.sha256}
     summary.update({key: checkpoint.meta[key] for key in CHECKPOINT_FIELDS if checkpoint.meta.get(key) is not None})
-    summary["parameters"] = sum(p.numel() for p in checkpoint.model.parameters())
+    summary["parameters"] = sum(tensor.numel() for name, tensor in checkpoint.state.items()
+                                if tensor.is_floating_point() and not name.endswith(BATCHNORM_STATISTICS))
     return summary
 
 
@@ -60,21 +65,22 @@ def _echo_fields(fields: dict, indent: str = "") -> None:
 
 @click.command()
 @click.argument("file", type=click.Path(dir_okay=False))
-@arch_options
+@trust_option
 @click.option("--json", "as_json", is_flag=True, default=False, help="Print machine-readable JSON.")
-def info(file: str, arch: str | None, arch_kwargs: dict | None, trust: bool, as_json: bool) -> None:
+def info(file: str, trust: bool, as_json: bool) -> None:
     """Show a checkpoint's metadata, or the groups of a results file (.h5).
 
     For a checkpoint: format, architecture and kwargs, dataset, optimizer and hyper-parameters,
-    metrics, seed, versions, parameter count and SHA-256. Foreign weights need --arch.
+    metrics, seed, versions, parameter count and SHA-256 (foreign weights: format, parameter
+    count and SHA-256). Nothing is built or imported: the metadata is only shown.
     For a results file: each group's attributes and dataset shapes.
 
     \b
     Examples:
       landscape info runs/sgd.pt
-      landscape info resnet.safetensors --arch resnet18 --arch-kwargs '{"input_shape": [3, 32, 32]}'
+      landscape info resnet.safetensors
       landscape info runs/sgd.h5
-    Python: landscape.load_checkpoint("runs/sgd.pt").meta ; landscape.store.list_groups("runs/sgd.h5")
+    Python: landscape.checkpoint.read_checkpoint("runs/sgd.pt").meta ; landscape.store.list_groups("runs/sgd.h5")
     """
     import h5py
 
@@ -83,7 +89,7 @@ def info(file: str, arch: str | None, arch_kwargs: dict | None, trust: bool, as_
     if h5py.is_hdf5(file) or Path(file).suffix in (".h5", ".hdf5"):  # a corrupt .h5 gets the store's message
         summary = results_summary(file)
     else:
-        summary = checkpoint_summary(file, arch=arch, arch_kwargs=arch_kwargs, trust=trust)
+        summary = checkpoint_summary(file, trust=trust)
     if as_json:
         click.echo(json.dumps(summary, indent=2, default=str))
     elif "groups" in summary:

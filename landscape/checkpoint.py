@@ -10,6 +10,11 @@ Foreign files: a bare state_dict, a dict holding one under ``state_dict``, ``mod
 (DataParallel) and ``_orig_mod.`` (torch.compile) prefixes are stripped; the architecture comes
 from ``arch``/``arch_kwargs``. Files are always read with ``weights_only=True`` first; a pickled
 ``nn.Module`` or a TorchScript archive loads only with ``trust=True``, since unpickling can run code.
+
+Metadata is data, never code: a ``module:function`` recorded in a file (``arch``, ``dataset``)
+is imported only when the caller names it (``arch=``/``data=``) or passes ``trust=True``. Zip
+archives (``torch.save``'s format) are checked entry by entry against their CRC-32 while the
+file is hashed, so a damaged file is refused before it is unpickled.
 """
 
 from __future__ import annotations
@@ -18,8 +23,10 @@ import hashlib
 import os
 import pickle
 import platform
+import struct
 import tempfile
 import zipfile
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,14 +35,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from landscape.data import DATASET_SCHEMES, names_code
 from landscape.errors import LandscapeError
-from landscape.models import build_model
+from landscape.models import build_model, model_options
 
 FORMAT = "landscape-checkpoint/1"
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "state_dict_ema")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 SHOWN_OFFENDERS = 5
 TRUST_HINT = "pass --trust (trust=True) only if you trust the file, since loading it can run arbitrary code"
+CHUNK_BYTES = 1 << 20
+LOCAL_HEADER = struct.Struct("<4s22xHH")  # zip local file header: signature, ..., name and extra lengths
+# Own-format metadata fields and the types they must have (the state_dict is checked separately).
+META_TYPES: dict[str, tuple[type, ...]] = {
+    "arch": (str,), "arch_kwargs": (dict,), "dataset": (str,), "optimizer": (str,), "optimizer_hparams": (dict,),
+    "metrics": (dict,), "seed": (int, type(None)), "versions": (dict,), "extra": (dict,)}
+# Recorded fields that may name code, with the spec prefixes that do not and the option that names it instead.
+CODE_FIELDS = {"arch": ((), "--arch"), "dataset": (DATASET_SCHEMES, "--data")}
 
 
 @dataclass
@@ -44,6 +60,22 @@ class Checkpoint:
 
     model: nn.Module
     meta: dict
+    path: str
+    sha256: str
+
+
+@dataclass
+class CheckpointFile:
+    """What a checkpoint file holds, read without building a model or importing anything.
+
+    ``meta`` is the own format's metadata (every field type-checked) or ``{"format": source}``
+    for foreign weights; ``state`` the weights as saved (wrapper prefixes included); ``module``
+    the whole model of a trusted pickled module or TorchScript archive, else ``None``.
+    """
+
+    meta: dict
+    state: dict[str, Tensor]
+    module: nn.Module | None
     path: str
     sha256: str
 
@@ -63,12 +95,67 @@ def versions() -> dict[str, str]:
 
 
 def file_sha256(path: str | os.PathLike) -> str:
-    """Hex SHA-256 of a file's bytes."""
+    """Hex SHA-256 of a file's bytes, checking a zip archive's entries against their CRC-32 on the way.
+
+    The file is read once; a damaged entry raises :class:`LandscapeError`.
+    """
+    path = Path(path)
+    spans = _stored_spans(path)
     digest = hashlib.sha256()
+    crcs = [0] * len(spans)
+    first = position = 0
     with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
+        for chunk in iter(lambda: handle.read(CHUNK_BYTES), b""):
             digest.update(chunk)
+            end, view = position + len(chunk), memoryview(chunk)
+            index = first
+            while index < len(spans) and spans[index][1] < end:  # entries overlapping this chunk
+                _, start, stop, _ = spans[index]
+                low, high = max(start, position), min(stop, end)
+                if low < high:
+                    crcs[index] = zlib.crc32(view[low - position:high - position], crcs[index])
+                index += 1
+            position = end
+            while first < len(spans) and spans[first][2] <= position:
+                first += 1
+    for (name, _, _, expected), crc in zip(spans, crcs):
+        if crc != expected:
+            raise _damaged(path, name)
     return digest.hexdigest()
+
+
+def _stored_spans(path: Path) -> list[tuple[str, int, int, int]]:
+    """``(name, start, stop, CRC-32)`` byte ranges of a zip archive's entries, sorted; ``[]`` if not a zip.
+
+    ``torch.save`` stores entries uncompressed, so their CRC is that of their bytes in the file;
+    a compressed entry (hand-made archives) is checked here by decompressing it.
+    """
+    if not zipfile.is_zipfile(path):
+        return []
+    spans = []
+    try:
+        with zipfile.ZipFile(path) as archive, open(path, "rb") as handle:
+            for entry in archive.infolist():
+                if entry.compress_type != zipfile.ZIP_STORED:
+                    with archive.open(entry) as stream:
+                        while stream.read(CHUNK_BYTES):
+                            pass
+                    continue
+                handle.seek(entry.header_offset)
+                header = handle.read(LOCAL_HEADER.size)
+                signature, name_length, extra_length = LOCAL_HEADER.unpack(header.ljust(LOCAL_HEADER.size, b"\0"))
+                if signature != b"PK\x03\x04":
+                    raise _damaged(path, entry.filename, "has no local header")
+                start = entry.header_offset + LOCAL_HEADER.size + name_length + extra_length
+                spans.append((entry.filename, start, start + entry.compress_size, entry.CRC))
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as error:
+        # bad directory, a compressed entry failing its CRC, or one zipfile cannot read (method, password)
+        raise LandscapeError(f"checkpoint '{path}' is damaged ({error}); re-save or re-download it") from None
+    return sorted(spans, key=lambda span: span[1])
+
+
+def _damaged(path: Path, entry: str, problem: str = "fails its CRC check") -> LandscapeError:
+    return LandscapeError(f"checkpoint '{path}' is damaged (entry '{entry}' {problem}); re-save or re-download it")
 
 
 def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, arch_kwargs: dict, dataset: str,
@@ -110,45 +197,103 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, arc
         raise
 
 
+def read_checkpoint(path: str | os.PathLike, *, trust: bool = False,
+                    map_location: str | torch.device = "cpu") -> CheckpointFile:
+    """Read a checkpoint's metadata and weights without building a model or importing anything.
+
+    The file is hashed and its zip entries checked first; own-format metadata is type-checked.
+    Only ``trust=True`` unpickles Python objects or loads TorchScript (which can run code).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise LandscapeError(f"checkpoint '{path}' not found; check the path")
+    sha256 = file_sha256(path)
+    loaded = _read(path, trust, map_location)
+    if isinstance(loaded, Mapping) and str(loaded.get("format", "")).startswith("landscape-checkpoint/"):
+        if loaded["format"] != FORMAT:
+            raise LandscapeError(f"'{path}' has format {loaded['format']}, newer than this version reads "
+                                 f"({FORMAT}); upgrade landscape")
+        meta = {key: value for key, value in loaded.items() if key != "state_dict"}
+        _check_meta(meta, path)
+        state = loaded.get("state_dict")
+        if not _is_state_dict(state):
+            raise LandscapeError(f"checkpoint '{path}' has no valid 'state_dict' field (a dict of tensors); "
+                                 "the file is damaged: re-save it with landscape.save_checkpoint")
+        return CheckpointFile(meta, dict(state), None, str(path), sha256)
+    module, state, source = _foreign_weights(loaded, path)
+    return CheckpointFile({"format": source}, state, module, str(path), sha256)
+
+
 def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, arch_kwargs: dict | None = None,
                     num_classes: int | None = None, input_shape: tuple | None = None, trust: bool = False,
                     map_location: str | torch.device = "cpu") -> Checkpoint:
     """Load an own or foreign checkpoint into a model in eval mode.
 
     ``arch``/``arch_kwargs``/``num_classes``/``input_shape`` override what an own checkpoint
-    records and are required (``arch`` at least) for foreign weights. ``trust=True`` allows
-    pickled modules and TorchScript archives. A TorchScript archive loaded without ``arch``
-    stays a ``ScriptModule``, which ``torch.func`` cannot differentiate; pass ``arch`` to load its
-    weights into an eager model. Every user-facing failure raises :class:`LandscapeError`.
+    records and are required (``arch`` at least) for foreign weights. A ``module:function``
+    architecture recorded in the file is refused unless ``trust=True`` (name it as ``arch``
+    yourself instead). ``trust=True`` also allows pickled modules and TorchScript archives. A
+    TorchScript archive loaded without ``arch`` stays a ``ScriptModule``, which ``torch.func``
+    cannot differentiate; pass ``arch`` to load its weights into an eager model. Every
+    user-facing failure raises :class:`LandscapeError`.
     """
+    given = model_options(arch_kwargs, "arch_kwargs (--arch-kwargs)")
+    file = read_checkpoint(path, trust=trust, map_location=map_location)
     path = Path(path)
-    if not path.is_file():
-        raise LandscapeError(f"checkpoint '{path}' not found; check the path")
-    loaded = _read(path, trust, map_location)
     overrides = {key: value for key, value in (("num_classes", num_classes), ("input_shape", input_shape))
                  if value is not None}
-    if isinstance(loaded, Mapping) and str(loaded.get("format", "")).startswith("landscape-checkpoint/"):
-        if loaded["format"] != FORMAT:
-            raise LandscapeError(f"'{path}' has format {loaded['format']}, newer than this version reads "
-                                 f"({FORMAT}); upgrade landscape")
-        meta = {key: value for key, value in loaded.items() if key != "state_dict"}
-        arch = arch or meta["arch"]
-        kwargs = {**meta["arch_kwargs"], **(arch_kwargs or {}), **overrides}
-        state = loaded["state_dict"]
+    if file.meta["format"] == FORMAT:
+        meta = file.meta
+        if arch is None:
+            arch = recorded_spec(meta, "arch", path, trust)
+        if arch is None:
+            raise LandscapeError(f"checkpoint '{path}' records no 'arch' field; pass --arch NAME (see "
+                                 "`landscape models`) or re-save it with landscape.save_checkpoint")
+        kwargs = {**meta.get("arch_kwargs", {}), **given, **overrides}
     else:
-        module, state, source = _foreign_weights(loaded, path)
-        meta = {"format": source, "arch": arch, "arch_kwargs": {**(arch_kwargs or {}), **overrides}}
-        if module is not None and arch is None:
-            return Checkpoint(module.eval(), meta, str(path), file_sha256(path))
+        meta = {"format": file.meta["format"], "arch": arch, "arch_kwargs": {**given, **overrides}}
+        if file.module is not None and arch is None:
+            return Checkpoint(file.module.eval(), meta, file.path, file.sha256)
         if arch is None:
             raise LandscapeError(f"'{path}' holds weights without an architecture; pass --arch NAME "
                                  "(see `landscape models`) or --arch module:function, and --arch-kwargs JSON "
                                  "(e.g. '{\"num_classes\": 10, \"input_shape\": [3, 32, 32]}') if needed")
         kwargs = meta["arch_kwargs"]
-        meta["arch"] = arch
     model = build_model(arch, **kwargs)
-    _load_state(model, _strip_prefixes(state), path, arch)
-    return Checkpoint(model.to(map_location).eval(), meta, str(path), file_sha256(path))
+    _load_state(model, _strip_prefixes(file.state), path, arch)
+    return Checkpoint(model.to(map_location).eval(), meta, file.path, file.sha256)
+
+
+def recorded_spec(meta: Mapping, field: str, path: str | os.PathLike, trust: bool) -> str | None:
+    """``meta[field]`` (``"arch"`` or ``"dataset"``) as recorded in the file ``path``, or ``None``.
+
+    A recorded ``module:function`` is refused unless ``trust``: code runs only when the user
+    names it (``--arch``/``--data``) or trusts the file.
+    """
+    spec = meta.get(field)
+    schemes, option = CODE_FIELDS[field]
+    if spec is not None and not trust and names_code(spec, schemes):
+        raise LandscapeError(f"checkpoint '{path}' names code in its '{field}' field ({spec!r}); refusing to "
+                             f"import it: pass {option} module:function yourself if you trust that code, or --trust")
+    return spec
+
+
+def _check_meta(meta: Mapping, path: Path) -> None:
+    """Refuse own-format metadata whose fields have the wrong types (a damaged or hand-made file)."""
+    for field, types in META_TYPES.items():
+        value = meta.get(field)
+        if field in meta and (not isinstance(value, types) or isinstance(value, bool)):
+            wanted = " or ".join("None" if kind is type(None) else kind.__name__ for kind in types)
+            raise LandscapeError(f"checkpoint '{path}' has an ill-typed '{field}' field ({type(value).__name__}, "
+                                 f"expected {wanted}); the file is damaged: re-save it with landscape.save_checkpoint")
+    if not all(isinstance(key, str) for key in meta.get("arch_kwargs", {})):
+        raise LandscapeError(f"checkpoint '{path}' has non-string option names in its 'arch_kwargs' field; "
+                             "the file is damaged: re-save it with landscape.save_checkpoint")
+
+
+def _is_state_dict(value: object) -> bool:
+    """True for a mapping of names to tensors."""
+    return isinstance(value, Mapping) and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in value.items())
 
 
 def _read(path: Path, trust: bool, map_location) -> object:
@@ -208,14 +353,14 @@ def _foreign_weights(loaded: object, path: Path) -> tuple[nn.Module | None, dict
         return loaded, loaded.state_dict(), "torchscript"
     if isinstance(loaded, nn.Module):
         return loaded, loaded.state_dict(), "pickled module"
-    if isinstance(loaded, Mapping) and loaded and all(isinstance(v, Tensor) for v in loaded.values()):
+    if _is_state_dict(loaded) and loaded:
         return None, dict(loaded), "state_dict" if path.suffix != ".safetensors" else "safetensors"
     if isinstance(loaded, Mapping):
         for key in STATE_DICT_KEYS:
             value = loaded.get(key)
             if isinstance(value, nn.Module):
                 return value, value.state_dict(), f"pickled module under '{key}'"
-            if isinstance(value, Mapping) and value and all(isinstance(v, Tensor) for v in value.values()):
+            if _is_state_dict(value) and value:
                 return None, dict(value), f"state_dict under '{key}'"
         keys = ", ".join(map(str, list(loaded)[:8]))
         raise LandscapeError(f"no state_dict found in '{path}' (top-level keys: {keys}); save the "

@@ -64,6 +64,7 @@ DATASET_FORMS = [
     ("module:function", "user code: function() returns a Dataset, (x, y) or (x, y, x_test, y_test)"),
 ]
 
+DATASET_SCHEMES = ("digits", "npz", *CIFAR_LAYOUT)  # spec prefixes that name built-in readers, never code
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -109,7 +110,7 @@ def load_dataset(spec: str = "digits", seed: int = 0) -> Dataset:
         return _load_cifar(spec, kind, Path(path).expanduser())
     if kind == "npz" and path:
         return _load_npz(spec, Path(path).expanduser())
-    if _FUNCTION_SPEC.match(spec) and kind not in ("digits", "npz", *CIFAR_LAYOUT):
+    if names_code(spec, DATASET_SCHEMES) and _FUNCTION_SPEC.match(spec):
         return _load_user(spec)
     raise LandscapeError(f"unknown dataset spec '{spec}'; use one of: {_forms()}")
 
@@ -135,6 +136,16 @@ def eval_subset(x: Tensor, y: Tensor, subset: int | None, seed: int) -> tuple[Te
 def _forms() -> str:
     """The accepted spec forms, comma-separated, for error messages."""
     return ", ".join(form for form, _ in DATASET_FORMS)
+
+
+def names_code(spec: str, schemes: tuple[str, ...] = ()) -> bool:
+    """True when ``spec`` is a ``module:function`` that loading would import and call.
+
+    That is any spec with a colon whose prefix is not one of the built-in ``schemes`` (e.g.
+    ``DATASET_SCHEMES``; models have none). Deliberately broad: callers use it to refuse code
+    named by a file, so it must hold for every spec that reaches :func:`import_function`.
+    """
+    return ":" in spec and spec.partition(":")[0] not in schemes
 
 
 def import_function(spec: str, what: str, alternatives: str) -> Callable:

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-from collections.abc import Callable
+import json
+import math
+import numbers
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from landscape.data import import_function
+from landscape.data import import_function, names_code
 from landscape.errors import LandscapeError
 
 
@@ -36,7 +39,8 @@ _REGISTRY: dict[str, tuple[ModelInfo, Callable[..., nn.Module]]] = {}
 def register(name: str, description: str) -> Callable:
     """Decorator adding ``builder(num_classes, input_shape, **options)`` to the registry.
 
-    The options and their defaults are read from the builder's signature.
+    The options and their defaults are read from the builder's signature; a default's type
+    says what a value must be (see :func:`_check_option`).
     """
 
     def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
@@ -58,10 +62,12 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple = (1, 8, 8)
     """Build a registered architecture, or call a user ``"module:function"`` with ``**kwargs`` only.
 
     ``input_shape`` excludes the batch dimension, e.g. ``(1, 8, 8)`` for digits, ``(3, 32, 32)``
-    for CIFAR. Unknown names or options raise :class:`LandscapeError`.
+    for CIFAR. Unknown names, unknown or ill-typed options, non-positive sizes and options the
+    builder rejects raise :class:`LandscapeError`.
     """
-    if ":" in name:
-        model = import_function(name, "model", f"a built-in model: {', '.join(sorted(_REGISTRY))}")(**kwargs)
+    if names_code(name):
+        model = _call(import_function(name, "model", f"a built-in model: {', '.join(sorted(_REGISTRY))}"),
+                      name, kwargs)
         if not isinstance(model, nn.Module):
             raise LandscapeError(f"model function '{name}' returned {type(model).__name__}; "
                                  "return a torch.nn.Module")
@@ -74,8 +80,62 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple = (1, 8, 8)
     if unknown:
         raise LandscapeError(f"unknown option(s) {', '.join(unknown)} for model '{name}'; "
                              f"accepted: {', '.join(info.defaults) or 'none'}")
-    input_shape = tuple(int(size) for size in input_shape)
-    return builder(int(num_classes), input_shape, **kwargs)
+    if not _is_size(num_classes):
+        raise LandscapeError(f"model '{name}' needs num_classes >= 1, got {num_classes!r}; "
+                             "fix num_classes in --arch-kwargs or the dataset's labels")
+    if not (isinstance(input_shape, (tuple, list)) and input_shape and all(map(_is_size, input_shape))):
+        raise LandscapeError(f"model '{name}' needs input_shape as a list of sizes >= 1 (e.g. [1, 8, 8]), "
+                             f"got {input_shape!r}; fix input_shape in --arch-kwargs")
+    for option, value in kwargs.items():
+        _check_option(name, option, value, info.defaults[option])
+    return _call(builder, name, kwargs, int(num_classes), tuple(int(size) for size in input_shape))
+
+
+def model_options(value: object, source: str = "--arch-kwargs") -> dict:
+    """``value`` (``None`` or a mapping of option names to values) as a dict; anything else is bad input."""
+    if value is None:
+        return {}
+    if not (isinstance(value, Mapping) and all(isinstance(key, str) for key in value)):
+        raise LandscapeError(f"{source} must be an object of option names to values, got "
+                             f"{type(value).__name__} {value!r}; e.g. '{{\"width\": 16, \"bn\": false}}'")
+    return dict(value)
+
+
+def _is_size(value: object) -> bool:
+    """True for an integer >= 1 (booleans are not sizes)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
+
+
+def _check_option(name: str, option: str, value: object, default: object) -> None:
+    """Check ``value`` against the kind of the option's default.
+
+    Booleans must be booleans, integer options are sizes or counts (>= 1), float options finite
+    numbers, tuple options lists of sizes.
+    """
+    if isinstance(default, bool):
+        valid, wanted = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        valid, wanted = _is_size(value), "an integer >= 1"
+    elif isinstance(default, float):
+        valid = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        wanted = "a finite number"
+    else:
+        valid, wanted = isinstance(value, (list, tuple)) and all(map(_is_size, value)), "a list of integers >= 1"
+    if not valid:
+        raise LandscapeError(f"option '{option}' of model '{name}' must be {wanted}, got "
+                             f"{json.dumps(value, default=str)}; fix it in --arch-kwargs "
+                             f"(default: {json.dumps(default)})")
+
+
+def _call(builder: Callable[..., nn.Module], name: str, kwargs: dict, *args: object) -> nn.Module:
+    """``builder(*args, **kwargs)``, its TypeError/ValueError/RuntimeError turned into one-line bad input."""
+    try:
+        return builder(*args, **kwargs)
+    except (TypeError, ValueError, RuntimeError) as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise LandscapeError(f"cannot build model '{name}' with options {json.dumps(kwargs, default=str)} "
+                             f"({type(error).__name__}: {reason}); fix --arch-kwargs "
+                             "(see `landscape models`)") from None
 
 
 def _image_channels(name: str, input_shape: tuple[int, ...]) -> int:

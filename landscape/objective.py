@@ -235,12 +235,15 @@ def load_objective(checkpoint: str, *, data: str | None = None, split: str = "tr
                    trust: bool = False) -> Objective:
     """Build an :class:`Objective` from a checkpoint file and a dataset spec.
 
-    ``data`` defaults to the dataset recorded in a landscape checkpoint. ``subset`` picks a
+    ``data`` defaults to the dataset recorded in a landscape checkpoint; a recorded
+    ``module:function`` dataset (like a recorded ``module:function`` architecture) is refused
+    unless ``trust=True``, so name it as ``data``/``arch`` to run it. ``subset`` picks a
     deterministic subset (by ``subset_seed``) of the split; the recipe and a digest of the
     chosen indices are recorded so the evaluation set can be rebuilt exactly.
     """
-    from landscape.checkpoint import load_checkpoint
+    from landscape.checkpoint import load_checkpoint, recorded_spec
     from landscape.data import eval_subset, load_dataset
+    from landscape.models import model_options
 
     if split not in ("train", "test"):
         raise LandscapeError(f"unknown --split {split!r}; use train or test")
@@ -248,14 +251,14 @@ def load_objective(checkpoint: str, *, data: str | None = None, split: str = "tr
         if dtype not in ("float32", "float64"):
             raise LandscapeError(f"unknown --dtype {dtype!r}; use float32 or float64")
         dtype = getattr(torch, dtype)
+    given = model_options(arch_kwargs, "arch_kwargs (--arch-kwargs)")
     dataset = load_dataset(data) if data else None
-    given = arch_kwargs or {}
     # The dataset fills in the class count and input shape only for an architecture named on the
     # command line (foreign weights); an own checkpoint's recorded values and --arch-kwargs win.
-    ckpt = load_checkpoint(checkpoint, arch=arch, arch_kwargs=arch_kwargs, trust=trust,
+    ckpt = load_checkpoint(checkpoint, arch=arch, arch_kwargs=given, trust=trust,
                            num_classes=dataset.num_classes if dataset and arch and "num_classes" not in given else None,
                            input_shape=dataset.input_shape if dataset and arch and "input_shape" not in given else None)
-    spec = data or ckpt.meta.get("dataset")
+    spec = data or recorded_spec(ckpt.meta, "dataset", checkpoint, trust)
     if not spec:
         raise LandscapeError(f"{checkpoint} does not record its dataset; pass --data (e.g. --data digits)")
     dataset = dataset or load_dataset(spec)

@@ -49,9 +49,9 @@ def _groups(path: Path) -> set[str]:
 
 
 def _summary_row(name: str, checkpoint: Path, results: Path) -> dict[str, Any]:
-    from landscape.checkpoint import load_checkpoint
+    from landscape.checkpoint import read_checkpoint
     from landscape.store import read_group
-    metrics = load_checkpoint(checkpoint).meta.get("metrics", {})
+    metrics = read_checkpoint(checkpoint).meta.get("metrics", {})
     hessian = read_group(results, "hessian")[1]
     radius = read_group(results, "radius")[1]
     return {"optimizer": name, "test_accuracy": metrics.get("test_accuracy", math.nan),
@@ -97,7 +97,9 @@ def reproduce(out_dir: str | Path = "runs/reproduce", optimizers: Sequence[str] 
             log(f"[{name}] training {arch} on {data} for {settings.epochs} epochs")
             train_model(data, arch, name, epochs=settings.epochs, seed=seed, device=device, out=str(checkpoint),
                         progress=progress)
-        objective = load_objective(str(checkpoint), subset=settings.subset, subset_seed=seed, device=device)
+        # the user named arch and data here, so a user module:function runs; the file's record is not used
+        objective = load_objective(str(checkpoint), data=data, arch=arch, subset=settings.subset, subset_seed=seed,
+                                   device=device)
         done = _groups(results)
         if "hessian" not in done:
             log(f"[{name}] Hessian: top-5, density, trace")
@@ -110,8 +112,8 @@ def reproduce(out_dir: str | Path = "runs/reproduce", optimizers: Sequence[str] 
             log(f"[{name}] perturbed loss versus radius")
             radius_curve(objective, radii, draws=settings.radius_draws, seed=seed, out=results, resume=True)
         if name in DIAGNOSED:
-            diagnostics = load_objective(str(checkpoint), subset=settings.subset, subset_seed=seed, bn="train",
-                                         device=device)
+            diagnostics = load_objective(str(checkpoint), data=data, arch=arch, subset=settings.subset,
+                                         subset_seed=seed, bn="train", device=device)
             if "cosine" not in done:
                 log(f"[{name}] gradient cosine stability and inner-maximisation gap")
                 cosine_stability(diagnostics, np.linspace(0.0, 1.0, settings.cosine_rhos), batches=settings.batches,

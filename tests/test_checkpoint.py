@@ -222,3 +222,105 @@ def test_missing_file_and_non_weights(tmp_path):
     torch.save({"epoch": 3, "optimizer": {"lr": 0.1}}, tmp_path / "no_weights.pt")
     with pytest.raises(LandscapeError, match="no state_dict found.*epoch, optimizer"):
         load_checkpoint(tmp_path / "no_weights.pt", arch="cnn")
+
+
+def own_payload(path, model):
+    save_own(path, model)
+    return torch.load(path, weights_only=True)
+
+
+def test_missing_arch_is_refused_unless_named(tmp_path, model):
+    path = tmp_path / "no_arch.pt"
+    torch.save({key: value for key, value in own_payload(path, model).items() if key != "arch"}, path)
+    with pytest.raises(LandscapeError, match=r"records no 'arch' field; pass --arch NAME"):
+        load_checkpoint(path)
+    assert_same_weights(model, load_checkpoint(path, arch="cnn").model)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("arch", 5, "ill-typed 'arch' field (int, expected str)"),
+    ("arch_kwargs", [1, 2], "ill-typed 'arch_kwargs' field (list, expected dict)"),
+    ("arch_kwargs", {1: 2}, "non-string option names in its 'arch_kwargs' field"),
+    ("dataset", ["digits"], "ill-typed 'dataset' field (list, expected str)"),
+    ("metrics", 0.5, "ill-typed 'metrics' field (float, expected dict)"),
+    ("seed", "3", "ill-typed 'seed' field (str, expected int or None)"),
+    ("seed", True, "ill-typed 'seed' field (bool, expected int or None)"),
+    ("state_dict", [1], "no valid 'state_dict' field"),
+    ("state_dict", None, "no valid 'state_dict' field"),
+])
+def test_ill_typed_metadata_is_refused_in_one_line(tmp_path, model, field, value, message):
+    path = tmp_path / "bad.pt"
+    torch.save({**own_payload(path, model), field: value}, path)
+    with pytest.raises(LandscapeError, match="re-save it with landscape.save_checkpoint") as error:
+        load_checkpoint(path, arch="cnn")
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("arch_kwargs", [[1], "width=4", 3, {1: 4}])
+def test_arch_kwargs_must_be_a_mapping_of_names(tmp_path, model, arch_kwargs):
+    from landscape.objective import load_objective
+
+    path = tmp_path / "own.pt"
+    save_own(path, model)
+    for load in (load_checkpoint, load_objective):
+        with pytest.raises(LandscapeError, match=r"arch_kwargs \(--arch-kwargs\) must be an object of option names"):
+            load(str(path), arch_kwargs=arch_kwargs)
+
+
+def flip_byte(path, entry_suffix, offset, out):
+    """Copy ``path`` to ``out`` with one bit flipped ``offset`` bytes into the data of the zip entry
+    whose name ends with ``entry_suffix`` (the local header is parsed here, independently of the code)."""
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        entry = next(info for info in archive.infolist() if info.filename.endswith(entry_suffix))
+    name_length, extra_length = struct.unpack("<HH", data[entry.header_offset + 26:entry.header_offset + 30])
+    data[entry.header_offset + 30 + name_length + extra_length + offset] ^= 0x01
+    out.write_bytes(bytes(data))
+    return entry.filename
+
+
+def test_a_tampered_archive_is_refused(tmp_path, model):
+    import zipfile
+
+    path = tmp_path / "own.pt"
+    save_own(path, model)
+    tampered = tmp_path / "tampered.pt"
+    entry = flip_byte(path, "/data/0", 5, tampered)  # a weight, not the pickle: it loads without complaint
+    assert zipfile.ZipFile(tampered).testzip() == entry  # the ground truth: its CRC no longer matches
+    with pytest.raises(LandscapeError, match=rf"checkpoint '.*tampered.pt' is damaged \(entry '{entry}' fails its "
+                                             r"CRC check\); re-save or re-download it"):
+        load_checkpoint(tampered)
+
+
+def test_crc_check_spans_read_chunks(tmp_path):
+    """Entries larger than the 1 MiB read chunk, checked in the single hashing pass."""
+    import zipfile
+
+    torch.manual_seed(0)
+    path = tmp_path / "big.pt"
+    torch.save({"a": torch.randn(300_000), "b": torch.randn(5), "c": torch.randn(700_000)}, path)
+    assert file_sha256(path) == hashlib.sha256(path.read_bytes()).hexdigest()
+    for suffix, offset in (("/data/0", 1_100_000), ("/data/2", 2_700_000)):
+        tampered = tmp_path / f"tampered{suffix[-1]}.pt"
+        entry = flip_byte(path, suffix, offset, tampered)
+        assert zipfile.ZipFile(tampered).testzip() == entry
+        with pytest.raises(LandscapeError, match=f"entry '{entry}' fails its CRC check"):
+            file_sha256(tampered)
+
+
+def test_compressed_archives_are_checked_too(tmp_path, model):
+    import zipfile
+
+    path = tmp_path / "own.pt"
+    save_own(path, model)
+    deflated = tmp_path / "deflated.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            target.writestr(info.filename, source.read(info))
+    assert_same_weights(model, load_checkpoint(deflated).model)  # torch.load reads deflated entries
+    entry = flip_byte(deflated, "/data/0", 20, tmp_path / "tampered.pt")
+    with pytest.raises(LandscapeError, match=f"is damaged .*{entry}"):
+        load_checkpoint(tmp_path / "tampered.pt")

@@ -121,3 +121,43 @@ def test_module_function_models(tmp_path, monkeypatch):
         build_model("my_user_models:not_a_model")
     with pytest.raises(LandscapeError, match="cannot import module 'absent_models_xyz'.*built-in model"):
         build_model("absent_models_xyz:net")
+
+
+@pytest.mark.parametrize(("name", "kwargs", "message"), [
+    ("cnn", {"width": -3}, "option 'width' of model 'cnn' must be an integer >= 1, got -3"),
+    ("cnn", {"width": 0}, "option 'width' of model 'cnn' must be an integer >= 1, got 0"),
+    ("cnn", {"width": "big"}, "option 'width' of model 'cnn' must be an integer >= 1, got \"big\""),
+    ("cnn", {"width": 2.5}, "option 'width' of model 'cnn' must be an integer >= 1, got 2.5"),
+    ("cnn", {"bn": "no"}, "option 'bn' of model 'cnn' must be true or false"),
+    ("mlp", {"hidden": [-1]}, "option 'hidden' of model 'mlp' must be a list of integers >= 1, got [-1]"),
+    ("mlp", {"hidden": 64}, "option 'hidden' of model 'mlp' must be a list of integers >= 1, got 64"),
+    ("cnn", {"num_classes": 0}, "model 'cnn' needs num_classes >= 1, got 0"),
+    ("resnet18", {"num_classes": "ten"}, "model 'resnet18' needs num_classes >= 1"),
+    ("cnn", {"input_shape": [1, -8, 8]}, "model 'cnn' needs input_shape as a list of sizes >= 1"),
+    ("mlp", {"input_shape": 64}, "model 'mlp' needs input_shape as a list of sizes >= 1"),
+    ("wrn", {"depth": 5}, "wrn depth 5 is invalid"),
+    ("wrn", {"depth": 10, "dropout": float("nan")}, "option 'dropout' of model 'wrn' must be a finite number"),
+    ("wrn", {"depth": 10, "width": 1, "dropout": 2.0},
+     "cannot build model 'wrn' with options {\"depth\": 10, \"width\": 1, \"dropout\": 2.0} (ValueError: dropout"),
+])
+def test_bad_options_are_one_line_input_errors(name, kwargs, message):
+    with pytest.raises(LandscapeError) as error:
+        build_model(name, **kwargs)
+    assert message in str(error.value) and "\n" not in str(error.value), str(error.value)
+
+
+def test_user_builder_errors_are_input_errors(tmp_path, monkeypatch):
+    (tmp_path / "my_strict_models.py").write_text(textwrap.dedent("""
+        from torch import nn
+
+        def linear(features=4):
+            if features > 100:
+                raise ValueError("at most 100 features")
+            return nn.Linear(features, 3)
+    """))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(LandscapeError, match=r"cannot build model 'my_strict_models:linear' with options "
+                                             r"\{\"size\": 5\} \(TypeError: .*unexpected keyword.*fix --arch-kwargs"):
+        build_model("my_strict_models:linear", size=5)
+    with pytest.raises(LandscapeError, match=r"\(ValueError: at most 100 features\)"):
+        build_model("my_strict_models:linear", features=101)
