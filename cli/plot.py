@@ -29,8 +29,10 @@ def plot(results: tuple[str, ...], groups: tuple[str, ...], out_dir: str | None,
       landscape plot runs/sgd.h5 runs/sam.h5 --labels SGD,SAM --group surface --format pdf
     Python: landscape.plot_file("runs/sgd.h5")
     """
-    from landscape.plotting import plot_compare, plot_file
+    from landscape.plotting import plot_compare, plot_file, use_file_backend
     from landscape.store import list_groups
+
+    use_file_backend()
 
     options = {"log_loss": True} if log_loss else {}
     if len(results) == 1:

@@ -30,6 +30,7 @@ def reproduce(out_dir: str, optimizers: str | None, data: str, arch: str, quick:
     """
     from landscape.cli.common import progress
     from landscape.optimizers import list_optimizers
+    from landscape.plotting import use_file_backend
     from landscape.reproduce import FULL, PAPER_OPTIMIZERS, QUICK
     from landscape.reproduce import reproduce as run
 
@@ -37,6 +38,7 @@ def reproduce(out_dir: str, optimizers: str | None, data: str, arch: str, quick:
     unknown = [n for n in names if not list_optimizers(n)]
     if unknown:
         raise click.UsageError(f"unknown optimizer {unknown[0]!r}; see `landscape optimizers`")
+    use_file_backend()
     summary = run(out_dir, names, data=data, arch=arch, settings=QUICK if quick else FULL, device=device, seed=seed,
                   log=lambda line: click.echo(line, err=True), progress=progress)
     click.echo(str(summary))

@@ -87,6 +87,8 @@ def optimizers(pattern: str | None) -> None:
 
     Override any default with --opt-args KEY=VALUE (or --lr/--weight-decay/--momentum).
     Perturbation methods also take base=sgd|adamw (the base optimizer that applies the update).
+    Defaults follow the papers; a description names the authors' code's choice where it differs
+    (e.g. the authors' m-RWP script: --opt-args sigma_schedule=constant).
 
     \b
     Examples:

@@ -14,7 +14,11 @@ Choices where the sources leave room, stated once:
 - ASAM rescales only tensors with ndim >= 2 (no names in optimizer parameter lists).
 - R-SAM's delta0 has variance gamma^2 ||w_j|| per filter, literally as the method sheet writes it.
 - ARWP's history is F <- beta F + ||g_j||^2 (no (1 - beta)) of the perturbed gradient, and divides
-  the noise *variance* by sqrt(1 + eta F_j) as the paper writes (its code divides the std).
+  the noise *variance* by sqrt(1 + eta F_j) as the paper writes (its code divides the std). F has
+  one entry per filter, a bias being one filter; the authors' code keeps one per bias entry.
+- RWP, ARWP, m-RWP and m-ARWP default to the paper's cosine-rising sigma (sigma/10 -> sigma). The
+  authors' scripts differ: RWP/ARWP rise 0.001 -> 0.011, m-RWP/m-ARWP keep 0.015 constant.
+- SSAM's mask counts are exact floors of decimal products (:func:`kept_count`, :func:`drop_count`).
 - SSAM's eps defaults to the reference code's rho g / ||g|| * mask (radius < rho); ``mask_norm``.
 - Weight decay is excluded from SAM's ascent gradient unless ``ascent_weight_decay=True``.
 - All noise comes from one flat ``randn`` per step (:func:`standard_normal`).
@@ -28,6 +32,7 @@ import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -187,14 +192,15 @@ def filterwise_noise(weights: Sequence[Tensor], sigma: float, generator: torch.G
 def arwp_history_update(history: Sequence[Tensor], grads: Sequence[Tensor], beta: float = 0.99) -> list[Tensor]:
     """ARWP's filter-wise history F <- beta F + ||g_j||^2 (an exponential moving *sum*: no (1 - beta)).
 
-    ``history`` and the result are shaped like :func:`landscape.params.filter_norms` of ``grads``.
+    ``history`` and the result are shaped like :func:`landscape.params.filter_norms` of ``grads``: a
+    tensor with ndim < 2 (a bias) is one filter, one history value; the authors' code keeps one per entry.
     """
     grads = list(grads)
     return per_filter(flat_cat(history).mul(beta).add_(filter_square_sums(grads)), grads)
 
 
 def fisher_mask(fisher: Sequence[Tensor], sparsity: float) -> list[Tensor]:
-    """SSAM-F mask: True on the global top-k entries of the Fisher diagonal, k = floor((1 - s) d).
+    """SSAM-F mask: True on the global top-k entries of the Fisher diagonal, k = :func:`kept_count`.
 
     Ties at the threshold are broken by ``torch.topk`` order (flattened, in tensor order).
     """
@@ -205,15 +211,33 @@ def fisher_mask(fisher: Sequence[Tensor], sparsity: float) -> list[Tensor]:
     return [m.view_as(f) for m, f in zip(torch.split(keep, [f.numel() for f in fisher]), fisher)]
 
 
+def _decimal(value: float) -> Fraction:
+    """``value`` as the exact decimal it prints as: 0.9 -> 9/10, not the binary float nearest to 0.9."""
+    return Fraction(repr(float(value)))
+
+
 def kept_count(numel: int, sparsity: float) -> int:
-    """Number of perturbed entries in an SSAM mask, floor((1 - s) d) as in the reference code."""
-    return math.floor((1.0 - sparsity) * numel + 1e-6)
+    """Number of perturbed entries in an SSAM mask: the exact floor((1 - s) d), with s read as the
+    decimal it prints as (d = 10, s = 0.9 keeps 1).
+
+    The reference code rounds in floating point, int(d (1 - s)) for SSAM-F and d - ceil(d s) for
+    SSAM-D, which is one lower where the float product falls just below an integer (SSAM-F's
+    int(10 * (1 - 0.9)) = 0, int(90 * (1 - 0.3)) = 62).
+    """
+    return math.floor((1 - _decimal(sparsity)) * numel)
 
 
 def drop_count(step: int, total_steps: int, sparsity: float, drop_rate: float, numel: int) -> int:
-    """SSAM-D's N_drop = f_decay(t) (1 - s) d with f_decay(t) = alpha/2 (1 + cos(pi t / T))."""
-    progress = min(step / max(total_steps, 1), 1.0)
-    return int(drop_rate / 2.0 * (1.0 + math.cos(math.pi * progress)) * (1.0 - sparsity) * numel)
+    """SSAM-D's N_drop = floor(f_decay(t) (1 - s) d), f_decay(t) = alpha/2 (1 + cos(pi t / T)), t capped at T.
+
+    The product is exact: alpha and s are read as the decimals they print as, and the cosine factor
+    (1 + cos(pi t / T)) / 2 is rounded to 12 decimals, which makes it exact where it is rational
+    (1, 3/4, 1/2, 1/4, 0 at t/T = 0, 1/3, 1/2, 2/3, 1), so an integer product is never truncated
+    one lower by float rounding (t = 5, T = 10, s = 0.9, alpha = 0.5, d = 1000: 25).
+    """
+    progress = min(Fraction(step, max(total_steps, 1)), Fraction(1))
+    decay = _decimal(round((1.0 + math.cos(math.pi * progress)) / 2.0, 12))
+    return math.floor(_decimal(drop_rate) * decay * (1 - _decimal(sparsity)) * numel)
 
 
 def dynamic_mask_update(mask: Sequence[Tensor], grads: Sequence[Tensor], num_drop: int,
@@ -600,7 +624,8 @@ class SSAMF(_SparseSAM):
 class SSAMD(_SparseSAM):
     """SSAM-D: a random initial mask, then every ``refresh`` steps drop the N_drop perturbed
     entries with the smallest |g| (gradient at w) and regrow as many at random (:func:`dynamic_mask_update`),
-    N_drop = drop_rate/2 (1 + cos(pi t / total_steps)) (1 - s) d. Closure calls per step: 2.
+    N_drop = floor(drop_rate/2 (1 + cos(pi t / total_steps)) (1 - s) d) (:func:`drop_count`). Closure calls
+    per step: 2.
     """
 
     def __init__(self, params, base="sgd", *, drop_rate: float = 0.5, total_steps: int | None = None, **kwargs):
@@ -655,10 +680,17 @@ class RWP(PerturbedOptimizer):
     - eps = :func:`filterwise_noise` with sigma_t: constant, or (``sigma_schedule="cosine"``)
       rising from ``sigma_start`` (default sigma/10, as the reference code starts at 1e-3 for
       sigma = 0.01) to ``sigma`` over ``total_steps`` with sigma_start + (sigma - sigma_start)
-      (1 - cos(pi t / T)) / 2.
+      (1 - cos(pi t / T)) / 2. The registry defaults use the cosine rise for all four methods, the
+      paper's schedule. The authors' scripts (nblt/mARWP) differ: ``run_rwp.sh`` (RWP/ARWP) rises
+      from 0.001 to 0.011, 0.001 (1 + 10 (1 - cos(pi t / T)) / 2), i.e. ``sigma=0.011,
+      sigma_start=0.001``; ``run_mrwp.sh`` (m-RWP/m-ARWP) keeps 0.015 constant, i.e.
+      ``sigma_schedule="constant"`` (its cosine rise is opt-in).
     - ``adaptive=True`` (ARWP): per-filter history F <- beta F + ||g_j||^2 of the perturbed
       gradients (:func:`arwp_history_update`, no (1 - beta)), dividing the noise variance by
-      sqrt(1 + eta F_j). The reference code instead divides the std by sqrt(1 + eta F_j).
+      sqrt(1 + eta F_j), as the paper writes. The reference code instead divides the std by
+      sqrt(1 + eta F_j). A tensor with ndim < 2 (a bias, a BatchNorm weight) is one filter here,
+      for the history as for the noise; the reference code keeps its history per entry (while its
+      noise std uses the whole tensor's norm).
     - ``lam < 1`` (m-RWP / m-ARWP): gradient lam grad L_B1(w + eps) + (1 - lam) grad L_B2(w).
       The clean pass asks for ``Pass(batch=1)`` and the perturbed one for ``Pass(batch=0)``, so a
       loop may feed two different batches (``batches_per_step == 2``) or the same one twice.
@@ -798,13 +830,18 @@ _register("asam", "ASAM, SAM with T_w = |w| + eta on weights (Kwon et al. 2021);
           rho=0.5, adaptive=True, eta=0.01)
 _register("rsam", "R-SAM, random start + projected ascent (Liu et al. 2022); 2 passes", RSAM,
           rho=0.05, gamma=0.01, lam=1.0)
-_register("rwp", "RWP, filter-wise random perturbation (Li et al.); 1 pass", RWP,
+_register("rwp", "RWP, filter-wise random perturbation (Li et al.); 1 pass. sigma: the paper's cosine rise "
+          "0.001 -> 0.01 (authors' script: 0.001 -> 0.011)", RWP,
           sigma=0.01, sigma_schedule="cosine")
-_register("arwp", "ARWP, RWP with gradient-history-adapted noise (Li et al.); 1 pass", RWP,
+_register("arwp", "ARWP, RWP with gradient-history-adapted noise (Li et al.); 1 pass. sigma: the paper's cosine "
+          "rise 0.001 -> 0.01 (authors' script: 0.001 -> 0.011); noise variance / sqrt(1 + eta F) (paper; "
+          "authors' code: the std); F per filter, a bias one filter (authors' code: per bias entry)", RWP,
           sigma=0.01, sigma_schedule="cosine", adaptive=True, eta=0.1, beta=0.99)
-_register("mrwp", "m-RWP, lam*grad(w+eps; B1) + (1-lam)*grad(w; B2) (Li et al.); 2 passes", RWP,
+_register("mrwp", "m-RWP, lam*grad(w+eps; B1) + (1-lam)*grad(w; B2) (Li et al.); 2 passes. sigma: the paper's "
+          "cosine rise 0.0015 -> 0.015 (authors' script: constant 0.015)", RWP,
           sigma=0.015, sigma_schedule="cosine", lam=0.5)
-_register("marwp", "m-ARWP, m-RWP with ARWP noise (Li et al.); 2 passes", RWP,
+_register("marwp", "m-ARWP, m-RWP with ARWP noise (Li et al.); 2 passes. sigma: the paper's cosine rise "
+          "0.0015 -> 0.015 (authors' script: constant 0.015); noise as arwp", RWP,
           sigma=0.015, sigma_schedule="cosine", lam=0.5, adaptive=True, eta=0.1, beta=0.99)
 _register("ssamf", "SSAM-F, SAM on a Fisher top-k mask (Mi et al. 2022); 2 passes", SSAMF,
           rho=0.1, sparsity=0.5, refresh=1000, num_samples=1024)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import io
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -193,6 +194,36 @@ def test_fisher_mask_and_dynamic_update_match_brute_force():
     assert O.drop_count(25, 100, 0.5, 0.5, 1000) == int(0.5 / 2 * (1 + math.cos(math.pi / 4)) * 500)
 
 
+# the cosine factor (1 + cos(pi t/T)) / 2 where it is rational, for the exact ground truth below
+EXACT_DECAY = {Fraction(0): Fraction(1), Fraction(1, 3): Fraction(3, 4), Fraction(1, 2): Fraction(1, 2),
+               Fraction(2, 3): Fraction(1, 4), Fraction(1): Fraction(0)}
+DECIMALS = ("0", "0.1", "0.25", "0.3", "0.5", "0.7", "0.9", "0.95", "0.99", "0.999", "0.3333333", "0.6666667",
+            "0.1428571", "0.12345678", "0.9999999")
+
+
+def test_drop_count_is_the_exact_floor_of_the_decay_schedule():
+    assert O.drop_count(5, 10, 0.9, 0.5, 1000) == 25          # was 24: int() of 24.999999999999996
+    assert O.drop_count(0, 10, 0.9, 1.0, 1000) == 100         # all of the 100 perturbed entries, not 99
+    for total in (6, 12, 300, 6000):           # multiples of 6: t = T, 2T/3, T/2, T/3, 0 exactly
+        for progress, decay in EXACT_DECAY.items():
+            step = int(progress * total)
+            for sparsity in DECIMALS[:10]:
+                for alpha in ("0.1", "0.3", "0.5", "0.7", "0.9", "1"):
+                    for d in (1, 7, 10, 100, 1000, 12345, 10**6, 11_689_512):
+                        exact = Fraction(alpha) * decay * (1 - Fraction(sparsity)) * d
+                        assert O.drop_count(step, total, float(sparsity), float(alpha), d) == math.floor(exact), \
+                            (step, total, sparsity, alpha, d)
+    assert O.drop_count(50, 10, 0.5, 0.5, 1000) == 0          # t past T: the schedule has ended
+
+
+def test_kept_count_is_the_exact_floor_of_the_dense_fraction():
+    assert O.kept_count(10, 0.9) == 1 and O.kept_count(90, 0.3) == 63     # the reference's int() gives 0, 62
+    assert O.kept_count(3, 0.6666667) == 0                                # 0.9999999, not rounded up
+    for sparsity in DECIMALS:
+        for d in [*range(1, 1001), 10**6 + 7, 11_689_512, 10**9]:
+            assert O.kept_count(d, float(sparsity)) == math.floor((1 - Fraction(sparsity)) * d), (d, sparsity)
+
+
 # -- one and several steps against the references ---------------------------------------------
 
 @pytest.mark.parametrize("p", [2.0, 3.0])
@@ -355,8 +386,8 @@ def test_ssamd_steps_match_reference():
         if step == 0:
             scores = torch.rand(d, generator=replay)
             flat_mask = set(sorted(range(d), key=lambda i: -scores[i].item())[:keep])
-        elif step % 2 == 0:
-            drop = int(0.5 / 2 * (1 + math.cos(math.pi * step / total)) * 0.5 * d)
+        elif step % 2 == 0:                          # step 2 of 6: cos(pi / 3) = 1/2 exactly
+            drop = math.floor(Fraction(1, 2) / 2 * (1 + Fraction(1, 2)) * Fraction(1, 2) * d)
             scores = torch.rand(d, generator=replay)
             dropped = set(sorted(flat_mask, key=lambda i: flat_g[i].item())[:drop])
             grown = set(sorted(set(range(d)) - flat_mask, key=lambda i: -scores[i].item())[:drop])
@@ -603,6 +634,23 @@ def test_registry_names_aliases_and_base_optimizers():
     assert isinstance(O.create("asam", model.parameters()).base, torch.optim.SGD)
     with pytest.raises(ValueError, match="choose one of"):
         O.create("lion", model.parameters())
+
+
+def test_optimizers_listing_says_which_sigma_and_history_choices_are_the_papers_and_the_authors_code():
+    from clitools import invoke
+    result = invoke("optimizers", "*rwp")
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line for line in result.output.splitlines() if line and not line[0].isspace()}
+    for name, start, end in (("rwp", 0.001, 0.01), ("arwp", 0.001, 0.01), ("mrwp", 0.0015, 0.015),
+                             ("marwp", 0.0015, 0.015)):
+        assert "paper's cosine rise" in lines[name] and "authors' script" in lines[name], lines[name]
+        opt = O.create(name, tiny_net().parameters(), total_steps=10)   # the listed rise is what runs
+        assert math.isclose(opt.sigma_at(0), start) and math.isclose(opt.sigma_at(10), end)
+    assert "0.001 -> 0.011" in lines["rwp"]
+    assert "constant 0.015" in lines["mrwp"] and "constant 0.015" in lines["marwp"]
+    assert "per bias entry" in lines["arwp"]
+    opt = O.create("arwp", [nn.Parameter(torch.ones(3, 2)), nn.Parameter(torch.ones(3))], total_steps=10)
+    assert [h.numel() for h in opt.history()] == [3, 1]     # a bias is one filter: one history value
 
 
 @pytest.mark.parametrize("name, options, word", [

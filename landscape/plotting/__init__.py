@@ -1,20 +1,20 @@
 """Figures, drawn from stored results only. One module per family of analyses.
 
-Each module exposes ``FIGURES = {group_name: draw(arrays, attrs, **options) -> Figure}``.
+Each module exposes ``FIGURES = {group_name: draw(arrays, attrs, **options) -> Figure}`` and
+``COMPARE`` (several results of a group in one figure). Figures are pyplot figures in whatever
+backend the process uses (inline in Jupyter); importing this package never changes it. Programs
+that only save figures, like the CLI, call :func:`use_file_backend` first.
 """
 
 from __future__ import annotations
 
 import importlib
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-from landscape.errors import LandscapeError  # noqa: E402
+from landscape.errors import LandscapeError
 
 MODULES = {
     "hessian": "landscape.plotting.hessian",
@@ -26,6 +26,14 @@ MODULES = {
 }
 
 
+def use_file_backend() -> None:
+    """Draw with matplotlib's non-interactive Agg backend, unless pyplot is already imported (then
+    the running program, e.g. a notebook that invoked the CLI, keeps its backend)."""
+    if "matplotlib.pyplot" not in sys.modules:
+        import matplotlib
+        matplotlib.use("agg")
+
+
 def plot_group(arrays: Mapping[str, Any], attrs: Mapping[str, Any], group: str, **options: Any):
     """Draw the figure for one stored analysis group."""
     if group not in MODULES:
@@ -35,6 +43,7 @@ def plot_group(arrays: Mapping[str, Any], attrs: Mapping[str, Any], group: str, 
 
 
 def save_figure(figure, out: str | Path) -> Path:
+    """Write ``figure`` to ``out`` (format by suffix, any backend) and close it."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=150, bbox_inches="tight")
@@ -61,23 +70,6 @@ def plot_file(path: str | Path, out_dir: str | Path | None = None, groups: list[
     return written
 
 
-def _tile(figures: list, labels: list[str]):
-    """Side-by-side panel of already drawn figures (for groups without a dedicated comparison)."""
-    import matplotlib.pyplot as plt
-    images = []
-    for figure in figures:
-        figure.canvas.draw()
-        images.append(figure.canvas.buffer_rgba())
-        plt.close(figure)
-    panel, axes = plt.subplots(1, len(images), figsize=(5 * len(images), 4.5), squeeze=False)
-    for ax, image, label in zip(axes[0], images, labels):
-        ax.imshow(image)
-        ax.set_title(label)
-        ax.axis("off")
-    panel.tight_layout()
-    return panel
-
-
 def plot_compare(paths: list[str | Path], group: str, out: str | Path, labels: list[str] | None = None,
                  **options: Any) -> Path:
     """One figure with ``group`` from several results files side by side (e.g. SGD vs SAM)."""
@@ -88,10 +80,4 @@ def plot_compare(paths: list[str | Path], group: str, out: str | Path, labels: l
     entries = [(label, *read_group(p, group)) for label, p in zip(labels, paths)]
     if group not in MODULES:
         raise LandscapeError(f"no figure is defined for /{group}; plottable groups: {', '.join(MODULES)}")
-    module = importlib.import_module(MODULES[group])
-    compare = getattr(module, "COMPARE", {}).get(group)
-    if compare is not None:
-        figure = compare(entries, **options)
-    else:
-        figure = _tile([module.FIGURES[group](arrays, attrs, **options) for _, arrays, attrs in entries], labels)
-    return save_figure(figure, out)
+    return save_figure(importlib.import_module(MODULES[group]).COMPARE[group](entries, **options), out)
