@@ -12,22 +12,25 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from scipy.sparse.linalg import LinearOperator
 from torch import Tensor
 
 from landscape.errors import LandscapeError
+
+if TYPE_CHECKING:
+    from scipy.sparse.linalg import LinearOperator
 
 
 class CurvatureOperator:
     """A symmetric ``d x d`` matrix ``A`` known through its products.
 
-    Subclasses implement :meth:`_apply` for blocks of at most ``batch`` rows. ``products`` counts the
-    matrix-vector products, one per vector whichever way they are computed; ``progress(n)`` is
-    called after every pass with the number ``n`` of new products.
+    Subclasses implement :meth:`_apply` for blocks of at most ``batch`` rows (the most vectors per
+    pass; memory grows with it, and Hutchinson draws its probes in blocks of this size).
+    ``products`` counts the matrix-vector products, one per vector whichever way they are computed;
+    ``progress(n)`` is called after every pass with the number ``n`` of new products.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, *, batch: int = 4,
@@ -77,6 +80,8 @@ class CurvatureOperator:
 
     def to_scipy(self) -> LinearOperator:
         """This operator for scipy (``eigsh``, ``cg``, ...): float64 numpy ``(d,)`` or ``(d, K)`` in and out."""
+        from scipy.sparse.linalg import LinearOperator
+
         def product(x: np.ndarray) -> np.ndarray:
             return (self @ torch.tensor(x, dtype=self.dtype, device=self.device)).double().cpu().numpy()
 
