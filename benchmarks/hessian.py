@@ -3,9 +3,10 @@
 Per model (``cnn`` on digits at initialisation; ``cnn_sgd``, the shipped SGD-trained reference
 checkpoint ``data/cnn_digits_sgd.pt``, on the same digits; ``resnet18`` at initialisation on seeded
 random CIFAR-shaped images; BatchNorm on running statistics, float32) and the same evaluation set:
-- ``hvp``: time of one HVP (ours: double backward through cached first-order graphs; also
-  ``Objective.hvp``'s forward-over-reverse, alone and per vector of a K=4 batched pass; PyHessian's
-  double backward) over one forward+backward (``loss.backward()``) of the whole set.
+- ``hvp``: time of one HVP (ours: ``HessianOperator``'s double backward through cached first-order
+  graphs; also its forward-over-reverse, alone and per vector of a K=4 vmapped pass, forced by
+  ``cache_bytes=0``; PyHessian's double backward) over one forward+backward (``loss.backward()``) of
+  the whole set.
 - ``top5``: wall time, HVPs and largest relative eigenvalue error of ours (``hessian_spectrum``,
   tol 1e-4), PyHessian ``eigenvalues(top_n=5)`` at its defaults and at tol 1e-6, and curvlinops'
   ``HessianLinearOperator`` + ``scipy.sparse.linalg.eigsh(k=5, which="LA", tol=1e-4)``. The reference is
@@ -33,9 +34,11 @@ from scipy.sparse.linalg import LinearOperator, eigsh
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import timeit, write_results  # noqa: E402
 
-from landscape.analysis.hessian import (  # noqa: E402
-    HessianOperator, full_float32, hessian_spectrum, pyhessian_hessian, slq)
+from landscape.analysis.hessian import full_float32, hessian_spectrum  # noqa: E402
 from landscape.checkpoint import load_checkpoint  # noqa: E402
+from landscape.curvature.hessian import HessianOperator  # noqa: E402
+from landscape.curvature.pyhessian_backend import pyhessian_hessian  # noqa: E402
+from landscape.curvature.slq import slq  # noqa: E402
 from landscape.data import load_dataset  # noqa: E402
 from landscape.models import build_model  # noqa: E402
 from landscape.objective import Objective  # noqa: E402
@@ -89,18 +92,20 @@ def forward_backward(model: torch.nn.Module, objective: Objective) -> None:
 def hvp_rows(name: str, model, objective: Objective, repeat: int) -> list[dict]:
     generator = torch.Generator().manual_seed(0)
     vector = {n: torch.randn(p.shape, generator=generator).to(p) for n, p in objective.params.items()}
-    block = {n: torch.stack([t] * 4) for n, t in vector.items()}
     operator = HessianOperator(objective)
+    uncached = HessianOperator(objective, cache_bytes=0)   # forward-over-reverse, vmapped for several vectors
     single = torch.cat([t.reshape(1, -1) for t in vector.values()], dim=1)
-    pyhessian = pyhessian_hessian(objective, operator)
+    block = torch.cat([single] * 4)
+    pyhessian = pyhessian_hessian(operator)
     flat = [vector[n] for n in objective.params]
     base = timeit(synced(lambda: forward_backward(model, objective)), repeat)
     times = {"forward+backward (loss.backward)": base,
-             "HVP ours, one vector (double backward, cached graphs)": timeit(synced(lambda: operator(single)), repeat),
-             "HVP Objective.hvp (forward-over-reverse, torch.func)":
-                 timeit(synced(lambda: objective.hvp(vector)), repeat),
-             "HVP Objective.hvp_batched K=4, per vector":
-                 timeit(synced(lambda: objective.hvp_batched(block)), repeat) / 4,
+             "HVP ours, one vector (double backward, cached graphs)":
+                 timeit(synced(lambda: operator.apply(single)), repeat),
+             "HVP ours, one vector, forward-over-reverse (torch.func)":
+                 timeit(synced(lambda: uncached.apply(single)), repeat),
+             "HVP ours, forward-over-reverse vmapped K=4, per vector":
+                 timeit(synced(lambda: uncached.apply(block)), repeat) / 4,
              "HVP PyHessian (double backward)": timeit(synced(lambda: pyhessian.dataloader_hv_product(flat)), repeat)}
     note = f"{len(operator.graphs)} of {-(-objective.num_examples // objective.batch_size)} batch graphs cached, " \
            f"{operator.graph_bytes / 2**20:.0f} MiB"
@@ -122,15 +127,10 @@ def relative_error(values, reference: np.ndarray) -> float:
 
 def reference_top5(double: Objective) -> tuple[np.ndarray, float, int]:
     operator = HessianOperator(double)
-    counter = [0]
-
-    def matvec(x: np.ndarray) -> np.ndarray:
-        return operator(torch.as_tensor(x.reshape(1, -1), device=double.device)).cpu().numpy().reshape(x.shape)
-
     start = time.perf_counter()
-    values = eigsh(counted_scipy(matvec, operator.dim, counter), k=5, which="LA", tol=1e-10,
+    values = eigsh(operator.to_scipy(), k=5, which="LA", tol=1e-10,
                    v0=np.random.default_rng(0).standard_normal(operator.dim), return_eigenvectors=False)
-    return np.sort(values)[::-1], time.perf_counter() - start, counter[0]
+    return np.sort(values)[::-1], time.perf_counter() - start, operator.products
 
 
 def top5_rows(name: str, model, objective: Objective, double: Objective, cap: float) -> list[dict]:
@@ -179,18 +179,19 @@ def pyhessian_top5(name: str, objective: Objective, reference: np.ndarray, ours_
             raise Capped
 
     operator.progress = stop_at_cap
-    pyhessian = pyhessian_hessian(objective, operator)
+    pyhessian = pyhessian_hessian(operator)
     torch.manual_seed(0)
     row = {"model": name, "part": "top5", "method": f"PyHessian eigenvalues(top_n=5), {what}"}
     try:
         values, _ = synced(lambda: pyhessian.eigenvalues(top_n=5, tol=tol))()
     except Capped:
         seconds = time.perf_counter() - started
-        return {**row, "time_s": seconds, "hvps": operator.count, "rel_err": float("nan"), "ratio": seconds / ours_time,
-                "note": f"CAPPED at {cap:g} s after {operator.count} HVPs (not finished; time is a lower bound)"}
+        return {**row, "time_s": seconds, "hvps": operator.products, "rel_err": float("nan"),
+                "ratio": seconds / ours_time,
+                "note": f"CAPPED at {cap:g} s after {operator.products} HVPs (not finished; time is a lower bound)"}
     seconds = time.perf_counter() - started
     order = "in order" if list(values) == sorted(values, reverse=True) else "OUT OF ORDER"
-    return {**row, "time_s": seconds, "hvps": operator.count, "rel_err": relative_error(values, reference),
+    return {**row, "time_s": seconds, "hvps": operator.products, "rel_err": relative_error(values, reference),
             "ratio": seconds / ours_time, "note": f"{order}: " + ", ".join(f"{v:.5g}" for v in values)}
 
 
@@ -200,9 +201,9 @@ def slq_rows(name: str, model, objective: Objective, n_v: int, steps: int) -> li
     synced(lambda: slq(operator, n_v, steps))()
     ours = time.perf_counter() - start
     rows = [{"model": name, "part": "slq", "method": f"ours: {n_v} runs x {steps} steps, lockstep, full reorth.",
-             "time_s": ours, "hvps": operator.count, "ratio": 1.0,
+             "time_s": ours, "hvps": operator.products, "ratio": 1.0,
              "note": "each vector by double backward through the cached graphs" if operator.graphs
-             else f"{operator.count // operator.batch} batched data passes"}]
+             else f"{operator.products // operator.batch} batched data passes"}]
 
     from curvlinops import HessianLinearOperator, lanczos_approximate_spectrum
     params = [p for p in model.parameters() if p.requires_grad]
@@ -224,7 +225,7 @@ def slq_rows(name: str, model, objective: Objective, n_v: int, steps: int) -> li
                  f"num_repeats={n_v})", "time_s": seconds, "hvps": counter[0], "ratio": seconds / ours,
                  "note": "no reorthogonalisation; HVPs include its eigsh boundary estimate"})
 
-    pyhessian = pyhessian_hessian(objective, HessianOperator(objective))
+    pyhessian = pyhessian_hessian(HessianOperator(objective))
     try:
         pyhessian.density(iter=3, n_v=1)
         note = "ran"

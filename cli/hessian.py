@@ -56,7 +56,7 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
     from landscape.analysis.hessian import HessianResult, hessian_spectrum
 
     if already_done(out, HessianResult.group, overwrite, resume):
-        click.echo(HessianResult.load(out).table())
+        click.echo(HessianResult.load(out).summary())
         return
     objective = objective_from_options(checkpoint, seed=seed, **options)
     with progress(None, "Hessian", "HVP") as bar, warnings.catch_warnings(record=True) as caught:
@@ -66,7 +66,7 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
                                   per_block=per_block, backend=backend, seed=seed, progress=bar.update,
                                   trace_hvps=trace_hvps, max_hvps=max_hvps)
     result.save(out, overwrite=overwrite)
-    click.echo(result.table())
+    click.echo(result.summary())
     for warning in caught:
         if issubclass(warning.category, RuntimeWarning):
             click.echo(f"warning: {warning.message}", err=True)

@@ -9,15 +9,16 @@ exactly as before after any call.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import functional_call, grad
 
 from landscape.errors import LandscapeError
 from landscape.params import select
@@ -123,7 +124,6 @@ class Objective:
         self.frozen: dict[str, Tensor] = {}
         self.inputs = self._cast(inputs)
         self.targets = targets.detach().to(self.device)
-        self.hvp_count = 0
 
     def _cast(self, tensor: Tensor) -> Tensor:
         dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
@@ -186,39 +186,20 @@ class Objective:
                 total[name].add_(g, alpha=weight)
         return total
 
-    def hvp(self, vector: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Hessian-vector product H v at the base weights (forward-over-reverse)."""
-        self.hvp_count += 1
-        total = {n: torch.zeros_like(t) for n, t in self.params.items()}
-        for x, y, weight in self.batches():
-            _, hv = jvp(lambda p: grad(self.batch_loss)(p, x, y), (self.params,), (dict(vector),))
-            for name, t in hv.items():
-                total[name].add_(t, alpha=weight)
-        return total
-
-    def hvp_batched(self, vectors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """K Hessian-vector products in one data pass; every tensor has a leading K dimension."""
-        k = next(iter(vectors.values())).shape[0]
-        self.hvp_count += k
-        total = {n: torch.zeros((k, *t.shape), dtype=t.dtype, device=t.device) for n, t in self.params.items()}
-
-        for x, y, weight in self.batches():
-            def single(v: dict[str, Tensor]) -> dict[str, Tensor]:
-                return jvp(lambda p: grad(self.batch_loss)(p, x, y), (self.params,), (v,))[1]
-            for name, t in vmap(single)(dict(vectors)).items():
-                total[name].add_(t, alpha=weight)
-        return total
-
-    def restrict(self, patterns: str | list[str]) -> Objective:
-        """The same objective over the parameters matching ``patterns`` (globs); others are held fixed."""
-        names = select(list(self.params), patterns)
-        sub = object.__new__(Objective)
-        sub.__dict__.update(self.__dict__)
-        sub.params = {n: self.params[n] for n in names}
-        sub.frozen = {**self.frozen, **{n: t for n, t in self.params.items() if n not in names}}
-        sub.hvp_count = 0
-        sub.source = {**self.source, "params": ",".join(names)}
-        return sub
+    def derive(self, *, params: str | Sequence[str] | None = None, bn: str | None = None) -> Objective:
+        """The same objective (sharing weights, buffers and evaluation set) over the parameters matching
+        ``params`` (globs; the others held fixed at their values) and/or with BatchNorm mode ``bn``."""
+        derived = copy.copy(self)
+        if bn is not None:
+            if bn not in BN_MODES:
+                raise LandscapeError(f"unknown bn {bn!r}; use train (batch statistics) or eval (running statistics)")
+            derived.bn = bn
+        if params is not None:
+            names = select(list(self.params), params)
+            derived.params = {n: self.params[n] for n in names}
+            derived.frozen = {**self.frozen, **{n: t for n, t in self.params.items() if n not in names}}
+            derived.source = {**self.source, "params": ",".join(names)}
+        return derived
 
     def provenance(self) -> dict[str, Any]:
         """Where this objective came from, for the results store."""

@@ -33,3 +33,23 @@ def test_cuda_surface_points_equal_hand_built_cpu_models(data, name):
                                        x, y) for a, b in points])
     assert_close(got["train_loss"], expected[:, 0], 1e-9, f"{name} loss on CUDA")
     assert_close(got["train_acc"], expected[:, 1], 1e-12, f"{name} accuracy on CUDA")
+
+
+def test_cuda_hessian_operator_vmaps_blocks_and_counts_each_vector_once():
+    from test_curvature import assert_close as assert_near
+    from test_curvature import dense_hessian, tiny_objective
+
+    from landscape.curvature.hessian import HessianOperator
+
+    cpu = tiny_objective()
+    exact = dense_hessian(cpu)
+    objective = Objective(cpu.model, cpu.inputs, cpu.targets, batch_size=7, device="cuda")
+    block = torch.randn(len(exact), 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    passes = []
+    operator = HessianOperator(objective, batch=4, progress=passes.append)
+    got = operator @ block.cuda()   # several vectors on a GPU: vmapped forward-over-reverse, no graphs decided
+    assert operator.graphs is None
+    single = operator @ block[:, 0].cuda()   # one vector: double backward through cached graphs
+    assert operator.graphs and passes == [4, 2, 1] and operator.products == 7
+    assert_near(got.cpu(), exact @ block, 1e-10, 1e-12, "vmapped block on CUDA")
+    assert_near(single.cpu(), exact @ block[:, 0], 1e-10, 1e-12, "cached single vector on CUDA")

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landscape.curvature.hessian import HessianOperator
+from landscape.errors import LandscapeError
 from landscape.objective import Objective, batchnorm_mode
 
 
@@ -77,17 +79,15 @@ def test_loss_gradient_hvp_match_autograd(setup, bn):
     for name, expected in zip(names, expected_grads):
         assert_close(gradient[name], expected, what=f"gradient {name}")
 
-    vector = {n: torch.randn_like(p) for n, p in zip(names, params)}
-    _, expected_hv = torch.autograd.functional.hvp(loss_of, tuple(p.detach() for p in params),
-                                                   tuple(vector[n] for n in names))
-    hv = objective.hvp(vector)
-    for name, expected in zip(names, expected_hv):
-        assert_close(hv[name], expected, rtol=1e-9, what=f"hvp {name}")
-    stacked = {n: torch.stack([v, 2 * v]) for n, v in vector.items()}
-    batched = objective.hvp_batched(stacked)
-    for name, expected in zip(names, expected_hv):
-        assert_close(batched[name][1], 2 * expected, rtol=1e-9, what=f"batched hvp {name}")
-    assert objective.hvp_count == 3
+    vector = tuple(torch.randn_like(p) for p in params)
+    _, expected_hv = torch.autograd.functional.hvp(loss_of, tuple(p.detach() for p in params), vector)
+    flat, expected = torch.cat([v.reshape(-1) for v in vector]), torch.cat([e.reshape(-1) for e in expected_hv])
+    for cache_bytes in (None, 0):   # double backward through cached graphs; forward-over-reverse
+        operator = HessianOperator(objective, cache_bytes=cache_bytes)
+        assert_close(operator @ flat, expected, rtol=1e-9, what=f"hvp, cache_bytes={cache_bytes}")
+        batched = operator.apply(torch.stack([flat, 2 * flat]))
+        assert_close(batched[1], 2 * expected, rtol=1e-9, what=f"batched hvp, cache_bytes={cache_bytes}")
+        assert operator.products == 3
 
 
 def test_delta_evaluates_shifted_weights(setup):
@@ -112,7 +112,8 @@ def test_model_is_never_mutated(setup):
         objective = Objective(model, x, y, batch_size=5, bn=bn)
         objective.loss_and_accuracy()
         objective.gradient()
-        objective.hvp({n: torch.ones_like(p) for n, p in objective.params.items()})
+        for cache_bytes in (None, 0):
+            HessianOperator(objective, cache_bytes=cache_bytes) @ torch.ones(objective.num_params, dtype=torch.float64)
         objective.params["0.weight"].add_(1.0)  # the objective's copy, not the model's
     after = model.state_dict()
     assert all(torch.equal(state[k], after[k]) for k in state), "parameters or buffers changed"
@@ -132,25 +133,38 @@ def test_frozen_batchnorm_uses_batch_stats_without_updating_buffers(setup):
     assert bn.track_running_stats and bn.training
 
 
-def test_restrict_is_the_exact_sub_block(setup):
+def test_derived_params_give_the_exact_sub_block(setup):
     model, x, y = setup
     objective = Objective(model, x, y, batch_size=23)
     names, params, loss_of = flat_reference(model, x, y, "eval", 23)
-    sub = objective.restrict("4.*")
-    assert list(sub.params) == ["4.weight", "4.bias"]
+    sub = objective.derive(params="4.*")
+    assert list(sub.params) == ["4.weight", "4.bias"] and list(objective.params) == names
+    assert sub.provenance()["params"] == "4.weight,4.bias" and "params" not in objective.provenance()
     vector = {n: torch.randn_like(t) for n, t in sub.params.items()}
     full_vector = tuple(vector.get(n, torch.zeros_like(p)) for n, p in zip(names, params))
     _, expected = torch.autograd.functional.hvp(loss_of, params, full_vector)
-    hv = sub.hvp(vector)
-    for name, exp in zip(names, expected):
-        if name in vector:
-            assert_close(hv[name], exp, rtol=1e-9, what=name)
-    with pytest.raises(Exception, match="no parameter matches"):
-        objective.restrict("nothing.*")
+    hv = HessianOperator(sub, cache_bytes=0) @ torch.cat([v.reshape(-1) for v in vector.values()])
+    assert_close(hv, torch.cat([e.reshape(-1) for n, e in zip(names, expected) if n in vector]), rtol=1e-9,
+                 what="sub-block hvp")
+    with pytest.raises(LandscapeError, match="no parameter matches"):
+        objective.derive(params="nothing.*")
+
+
+def test_derived_bn_mode_leaves_the_original_alone(setup):
+    model, x, y = setup
+    objective = Objective(model, x, y, batch_size=7)
+    train = objective.derive(bn="train")
+    both = objective.derive(params="0.*", bn="train")
+    assert (objective.bn, train.bn, both.bn) == ("eval", "train", "train")
+    assert list(both.params) == ["0.weight", "0.bias"]
+    for bn, derived in (("eval", objective), ("train", train), ("train", both)):
+        expected = float(reference_loss(copy.deepcopy(model), x, y, bn, 7).detach())
+        assert derived.loss() == pytest.approx(expected, rel=1e-12), bn
+    with pytest.raises(LandscapeError, match="unknown bn 'batch'"):
+        objective.derive(bn="batch")
 
 
 def test_bad_arguments_are_one_line_errors(setup):
-    from landscape.errors import LandscapeError
     model, x, y = setup
     with pytest.raises(LandscapeError, match="--bn"):
         Objective(model, x, y, bn="batch")

@@ -7,7 +7,6 @@ one batch with ``torch.func``, and derives seeded generators for the noise draws
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -17,18 +16,14 @@ from torch.func import grad_and_value
 
 from landscape import optimizers
 from landscape.errors import LandscapeError
-from landscape.objective import BN_MODES, Objective
+from landscape.objective import Objective
 
 
 def with_bn(objective: Objective, bn: str | None) -> Objective:
     """The same objective with BatchNorm mode ``bn`` (``train``: batch statistics; ``None``: unchanged)."""
     if bn is None or bn == objective.bn:
         return objective
-    if bn not in BN_MODES:
-        raise LandscapeError(f"unknown bn {bn!r}; use train (batch statistics) or eval (running statistics)")
-    changed = copy.copy(objective)
-    changed.bn = bn
-    return changed
+    return objective.derive(bn=bn)
 
 
 def seeded_generator(seed: int, *keys: int) -> torch.Generator:
