@@ -1,0 +1,191 @@
+"""Multi-process runs on ``torch.distributed``, launched by ``torchrun``; a no-op in a single process.
+
+- :func:`setup` joins the process group that ``torchrun`` describes in the environment (``RANK``,
+  ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). The backend follows the tensor:
+  gloo for CPU tensors, NCCL for CUDA tensors (``"cpu:gloo,cuda:nccl"`` where CUDA exists). Every
+  collective times out after :data:`TIMEOUT_S` seconds (``LANDSCAPE_DIST_TIMEOUT``) instead of hanging.
+- Without ``torchrun`` (``WORLD_SIZE`` unset or 1) nothing is initialised: :func:`world_size` is 1,
+  :func:`rank` 0, and every collective returns its input.
+- Rank 0 writes results and prints; the others compute and stay silent except for errors.
+- :func:`fail` and :func:`fail_together` make one rank's failure end every rank with the same exit
+  code: the failing rank posts its message and code on the c10d store, a watchdog thread on every
+  other rank sees it, rank 0 prints the message once, and all ranks exit together. Nobody waits for a
+  collective timeout.
+
+Call :func:`setup` (idempotent) before using the others; :func:`landscape.objective.load_objective`,
+:func:`landscape.train.train_model` and the CLI do.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+TIMEOUT_S = float(os.environ.get("LANDSCAPE_DIST_TIMEOUT", "600"))
+WATCH_INTERVAL_S = 0.2
+_ERROR_KEY = "landscape/error"
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by ``torchrun`` (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def active() -> bool:
+    """Whether a process group of more than one process is initialised."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def setup() -> None:
+    """Join torchrun's process group once (no-op when not launched, or already joined)."""
+    if not launched() or dist.is_initialized():
+        return
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+
+
+def rank() -> int:
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if active() else 1
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): the rank that writes and prints."""
+    return rank() == 0
+
+
+def local_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available (each rank its own GPU), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def all_reduce_sum_(tensor: Tensor) -> Tensor:
+    """Sum ``tensor`` over all ranks, in place; returns it (unchanged in a single process)."""
+    if active():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_object(value: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``value`` on every rank (picklable Python data; ``value`` itself in a single process)."""
+    if not active():
+        return value
+    box = [value if rank() == src else None]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if active():
+        dist.barrier()
+
+
+def store() -> dist.Store:
+    """The job's c10d key-value store (only while :func:`active`)."""
+    return dist.distributed_c10d._get_default_store()
+
+
+def shard_range(count: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, stop)`` of ``count`` items: sizes differ by at most one."""
+    size, rank_ = world_size(), rank()
+    base, extra = divmod(count, size)
+    start = rank_ * base + min(rank_, extra)
+    return start, start + base + (rank_ < extra)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+_EXIT_KEY = "landscape/exiting"
+EXIT_WAIT_S = 5.0
+_failing = threading.Event()  # set once this rank handles its own failure
+_watchdog: list[threading.Thread] = []  # the one watchdog thread of this process, once started
+
+
+def fail(message: str, code: int, echo: Callable[[str], Any]) -> None:
+    """End this run after a failure on this rank: rank 0 ``echo``es ``message``, every rank exits ``code``.
+
+    In a single process this only echoes; the caller exits. Under torchrun the failure is posted on the
+    store (the first posted failure wins), so the other ranks' watchdogs end them too (see
+    :func:`fail_together`), and every rank leaves together with :func:`exit_together`.
+    """
+    if not active():
+        echo(message)
+        return
+    _failing.set()
+    if is_main():
+        echo(message)
+    try:
+        store().compare_set(_ERROR_KEY, "", json.dumps({"rank": rank(), "code": int(code), "message": message}))
+    except Exception:  # noqa: BLE001 - the store may already be gone; the launcher ends the job then
+        pass
+    exit_together(code)
+
+
+def posted_failure() -> dict[str, Any] | None:
+    """The failure some rank posted, if any: ``{"rank", "code", "message"}``."""
+    if not active():
+        return None
+    try:
+        kv = store()
+        if not kv.check([_ERROR_KEY]):
+            return None
+        return json.loads(kv.get(_ERROR_KEY).decode())
+    except Exception:  # noqa: BLE001 - no store, no posted failure
+        return None
+
+
+def exit_together(code: int) -> None:
+    """Exit with ``code`` once every rank is exiting (or after :data:`EXIT_WAIT_S`), so that the launcher
+    sees the same code from every rank instead of terminating the slower ones."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        kv = store()
+        kv.add(_EXIT_KEY, 1)
+        deadline = time.monotonic() + EXIT_WAIT_S
+        while kv.add(_EXIT_KEY, 0) < world_size() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    except Exception:  # noqa: BLE001 - without a store there is nobody to wait for
+        pass
+    os._exit(int(code))
+
+
+def fail_together(echo: Callable[[str], Any]) -> None:
+    """Start a watchdog thread that ends this process when another rank posts a failure.
+
+    Rank 0 ``echo``es the posted message; every rank exits with the posted code. Idempotent; a no-op
+    in a single process.
+    """
+    if not active() or _watchdog:
+        return
+
+    def watch() -> None:
+        while not _failing.is_set():
+            failure = posted_failure()
+            if failure is not None and not _failing.is_set():
+                _failing.set()
+                if is_main():
+                    echo(failure["message"])
+                exit_together(failure["code"])
+            time.sleep(WATCH_INTERVAL_S)
+
+    _watchdog.append(threading.Thread(target=watch, name="landscape-fail-together", daemon=True))
+    _watchdog[0].start()
