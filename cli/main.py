@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 
 import click
 
@@ -27,6 +28,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "datasets": ("landscape.cli.info", "datasets", "List the accepted dataset specs."),
     "reproduce": ("landscape.cli.reproduce", "reproduce", "Regenerate every figure end to end."),
 }
+
+
+def _echo_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Show a warning as one line on stderr: ``warning: MESSAGE``."""
+    click.echo(f"warning: {message}", err=True)
 
 
 class InputError(click.ClickException):
@@ -52,7 +58,9 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         from landscape.errors import LandscapeError
         try:
-            return super().invoke(ctx)
+            with warnings.catch_warnings():
+                warnings.showwarning = _echo_warning
+                return super().invoke(ctx)
         except click.UsageError as exc:  # one line, not click's usage banner
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
             raise InputError(f"{exc.format_message()} (see `landscape{command} --help`)") from None

@@ -61,6 +61,8 @@ def train(data: str, arch: str, arch_kwargs: dict | None, optimizer: str, opt_ar
     """Train a model with any registered optimizer and write a checkpoint.
 
     Prints the final train and test accuracy. m-RWP/m-ARWP use two batches per step.
+    If the loss or the weights turn NaN/inf, training stops at that step, writes the weights from
+    before it to --out (marked stopped_early in its metadata) and exits with code 2.
 
     \b
     Examples:

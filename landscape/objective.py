@@ -80,6 +80,57 @@ def accuracy_count(outputs: Tensor, targets: Tensor) -> Tensor:
     return (outputs.argmax(dim=-1) == targets).sum()
 
 
+IGNORE_INDEX = -100  # cross-entropy's ignored target
+
+
+def count_nonfinite(tensors: Mapping[str, Tensor]) -> tuple[str, str] | None:
+    """``("12 NaN and 1 inf values", name of the first tensor holding one)`` over the floating
+    ``tensors``; None when every value is finite."""
+    nan = inf = 0
+    first = ""
+    for name, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            count = int(torch.isnan(tensor).sum())
+            nan, inf, first = nan + count, inf + bad - count, first or name
+    if not first:
+        return None
+    counts = " and ".join(f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "inf")) if count)
+    return f"{counts} value{'s' if nan + inf > 1 else ''}", first
+
+
+def model_name(arch: str | None, input_shape: Sequence[int] | None) -> str:
+    """``"the model (arch cnn, input_shape (1, 8, 8))"``, with what is known, for error messages."""
+    details = ([f"arch {arch}"] if arch else []) + ([f"input_shape {tuple(input_shape)}"] if input_shape else [])
+    return f"the model ({', '.join(details)})" if details else "the model"
+
+
+def check_fits(forward: Callable[[Tensor], Any], inputs: Tensor, targets: Tensor | None, model: str, data: str,
+               fix: str) -> None:
+    """Refuse a dataset that the model cannot take, before any analysis or training runs.
+
+    ``forward`` (the model in eval mode) must run on two examples of ``inputs`` (no grad); class
+    indices ``targets`` (None: not class indices) must lie in 0..C-1 for the C outputs it gives.
+    ``model`` and ``data`` name the two in the one-line error, ``fix`` says what to do.
+    """
+    try:
+        with torch.no_grad():
+            outputs = forward(inputs[:2])
+    except Exception as error:  # noqa: BLE001 - whatever fails here, the model cannot take these inputs
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise LandscapeError(f"{model} cannot take inputs of shape {tuple(inputs.shape[1:])} from {data} "
+                             f"({type(error).__name__}: {detail}); {fix}") from None
+    if targets is None or targets.is_floating_point() or not isinstance(outputs, Tensor) or outputs.ndim < 2:
+        return
+    labels = targets[targets != IGNORE_INDEX]
+    classes = outputs.shape[1]
+    if labels.numel() and (int(labels.max()) >= classes or int(labels.min()) < 0):
+        raise LandscapeError(f"labels of {data} go from {int(labels.min())} to {int(labels.max())} but {model} has "
+                             f"{classes} outputs (classes 0..{classes - 1}); {fix}")
+
+
 class Objective:
     """L(w) = mean loss of ``model`` over a fixed evaluation set.
 
@@ -92,7 +143,11 @@ class Objective:
         bn: ``eval`` (running statistics) or ``train`` (batch statistics, buffers untouched).
         dtype: compute dtype (e.g. ``torch.float64``); defaults to the model's.
         device: where the weights and the whole evaluation set live.
-        source: provenance (checkpoint path, sha256, dataset spec, evaluation set recipe).
+        source: provenance (checkpoint path, sha256, dataset spec, evaluation set recipe; ``arch`` and
+            ``input_shape`` name the model in error messages).
+
+    The model must take the inputs and, with the default loss, give an output per label class:
+    two examples go through it at construction, else a one-line :class:`LandscapeError` says why.
     """
 
     def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *,
@@ -124,6 +179,9 @@ class Objective:
         self.frozen: dict[str, Tensor] = {}
         self.inputs = self._cast(inputs)
         self.targets = targets.detach().to(self.device)
+        check_fits(self._eval_outputs, self.inputs, self.targets if self.loss_fn is F.cross_entropy else None,
+                   model_name(self.source.get("arch"), self.source.get("input_shape")), self._data_name(),
+                   "use a dataset that matches the checkpoint, or pass --arch/--arch-kwargs for a model that takes it")
 
     def _cast(self, tensor: Tensor) -> Tensor:
         dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
@@ -143,6 +201,36 @@ class Objective:
         for start in range(0, n, self.batch_size):
             x = self.inputs[start:start + self.batch_size]
             yield x, self.targets[start:start + self.batch_size], len(x) / n
+
+    def _eval_outputs(self, x: Tensor) -> Any:
+        """Outputs at the base weights with running BatchNorm statistics (for :func:`check_fits`)."""
+        with batchnorm_mode(self.model, "eval"):
+            return functional_call(self.model, ({**self.frozen, **self.params}, self.buffers), (x,), strict=False)
+
+    def _data_name(self) -> str:
+        spec = self.source.get("dataset")
+        return f"dataset '{spec}'" if spec else "the evaluation set"
+
+    def nonfinite(self) -> tuple[str, str] | None:
+        """``(problem, fix)`` in words when the weights, floating buffers or evaluation inputs hold NaN/inf;
+        None when everything is finite."""
+        weights = count_nonfinite({**self.frozen, **self.params, **self.buffers})
+        if weights:
+            checkpoint = self.source.get("checkpoint")
+            owner = f"the weights of {checkpoint}" if checkpoint else "the weights"
+            return (f"{owner} hold {weights[0]} (first in {weights[1]})",
+                    "use a checkpoint saved before training diverged")
+        inputs = count_nonfinite({"inputs": self.inputs})
+        if inputs:
+            return (f"the inputs of {self._data_name()} hold {inputs[0]}",
+                    "remove or replace the non-finite inputs in the dataset")
+        return None
+
+    def require_finite(self, analysis: str) -> None:
+        """Refuse (LandscapeError) weights or inputs holding NaN/inf, for which ``analysis`` would be NaN."""
+        found = self.nonfinite()
+        if found:
+            raise LandscapeError(f"{found[0]}, so {analysis} would be NaN; {found[1]}")
 
     def outputs(self, params: Mapping[str, Tensor], x: Tensor) -> Tensor:
         """Model outputs at ``params`` (a full or restricted dict) under the BatchNorm mode."""
@@ -246,6 +334,7 @@ def load_objective(checkpoint: str, *, data: str | None = None, split: str = "tr
     x, y = dataset.split(split)
     x, y, indices = eval_subset(x, y, subset, subset_seed)
     source = {"checkpoint": str(checkpoint), "checkpoint_sha256": ckpt.sha256, "dataset": spec,
+              "arch": ckpt.meta.get("arch"), "input_shape": ckpt.meta.get("arch_kwargs", {}).get("input_shape"),
               "eval_set": {"split": split, "subset": subset, "subset_seed": subset_seed, "n": len(indices),
                            "indices_sha256": indices_digest(indices)}}
     return Objective(ckpt.model, x, y, batch_size=batch_size, bn=bn, dtype=dtype,

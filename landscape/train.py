@@ -4,6 +4,8 @@ One optimizer step per batch (``ceil(N / batch_size)`` steps per epoch). Methods
 batches per step (m-RWP, m-ARWP: ``optimizer.batches_per_step == 2``) draw both from the same
 shuffled stream, so they see the data twice per epoch for the same number of steps, as the
 reference code does. The closure passed to ``step`` takes a :class:`landscape.optimizers.Pass`.
+After every step the loss and the weights are checked for NaN/inf (one host synchronisation, which
+the pageable host-to-device batch copies make anyway), and the weights before the step are kept.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from landscape.checkpoint import save_checkpoint
 from landscape.data import Dataset, load_dataset
 from landscape.errors import LandscapeError
 from landscape.models import build_model
-from landscape.objective import resolve_device
+from landscape.objective import batchnorm_mode, check_fits, count_nonfinite, model_name, resolve_device
 from landscape.optimizers import Pass, PerturbedOptimizer, create, list_optimizers
 
 
@@ -75,6 +77,8 @@ def _optimizer_options(name: str, model: nn.Module, dataset: Dataset, total_step
     hparams = {key: value for key, value in (("lr", lr), ("weight_decay", weight_decay), ("momentum", momentum))
                if value is not None}
     hparams.update(opt_args or {})
+    for key, value in hparams.items():
+        _check_hparam(key, value)
     wiring = {"model": model, "total_steps": total_steps, "seed": seed,
               "fisher_data": (dataset.x_train, dataset.y_train)}
     options = {**hparams, **{key: value for key, value in wiring.items()
@@ -91,6 +95,20 @@ def _optimizer_options(name: str, model: nn.Module, dataset: Dataset, total_step
     return options, record
 
 
+NON_NEGATIVE = ("lr", "weight_decay", "momentum")  # hyper-parameters with their own flags, all >= 0
+
+
+def _check_hparam(key: str, value: Any) -> None:
+    """Refuse NaN/inf hyper-parameters (also inside lists such as betas) and a negative lr, weight decay or momentum."""
+    flag = f"--{key.replace('_', '-')}" if key in NON_NEGATIVE else f"--opt-args {key}"
+    numbers = value if isinstance(value, (list, tuple)) else [value]
+    if any(isinstance(number, float) and not math.isfinite(number) for number in numbers):
+        raise LandscapeError(f"{flag} is {value}, not a finite number; give a finite value "
+                             "(see `landscape optimizers` for the defaults)")
+    if key in NON_NEGATIVE and isinstance(value, (int, float)) and value < 0:
+        raise LandscapeError(f"{flag} must be >= 0, got {value}; see `landscape optimizers` for the defaults")
+
+
 def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: str = "sgd", *, epochs: int = 5,
                 batch_size: int = 128, lr: float | None = None, weight_decay: float | None = None,
                 momentum: float | None = None, opt_args: dict[str, Any] | None = None,
@@ -105,21 +123,28 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     initialisation, the batch order and the optimizer's noise. ``progress(total, desc, unit)``
     may return a tqdm-like bar (e.g. ``landscape.cli.common.progress``).
 
+    Bad input is refused up front with a :class:`LandscapeError`: NaN/inf inputs, a single class,
+    labels or inputs the model cannot take, NaN/inf hyper-parameters, a negative lr/weight_decay/momentum.
+    A run whose loss or weights turn NaN/inf stops at that step: the weights from before it (the
+    last finite ones) are written to ``out`` with ``extra["stopped_early"]`` (epoch, step, steps_done,
+    loss, lr) in the metadata, then a LandscapeError names the step and the fix.
+
     Example: ``train_model("digits", "cnn", "sam", epochs=5, out="runs/sam.pt")``.
     """
     if epochs < 1 or batch_size < 1:
         raise LandscapeError(f"epochs={epochs} and batch_size={batch_size} must both be >= 1")
     dataset = load_dataset(data) if isinstance(data, str) else data  # the split is fixed: analyses see the same one
+    _check_dataset(dataset)
     target = resolve_device(device)
     arch_kwargs = dict(arch_kwargs or {})
     torch.manual_seed(seed)
     if ":" in arch:
-        model = build_model(arch, **arch_kwargs)
         saved_kwargs = arch_kwargs
-    else:
-        model = build_model(arch, dataset.num_classes, dataset.input_shape, **arch_kwargs)
-        saved_kwargs = {**arch_kwargs, "num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape)}
+    else:  # the dataset gives the class count and input shape unless --arch-kwargs says otherwise
+        saved_kwargs = {"num_classes": dataset.num_classes, "input_shape": list(dataset.input_shape), **arch_kwargs}
+    model = build_model(arch, **saved_kwargs)
     model.to(target).train()
+    _check_model(model, arch, saved_kwargs, dataset, target)
 
     steps_per_epoch = math.ceil(len(dataset.x_train) / batch_size)
     total_steps = epochs * steps_per_epoch
@@ -133,12 +158,15 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total_steps) if cosine else None
     stream = _batches(len(dataset.x_train), batch_size, torch.Generator().manual_seed(seed))
     per_step = getattr(opt, "batches_per_step", 1)
+    state = [*model.parameters(), *model.buffers()]
+    floating = [t for t in state if t.is_floating_point()]
+    last_finite = [t.detach().clone() for t in state]  # the weights before the current step
 
     bar = progress(total_steps, f"train {optimizer}", "step") if progress else None
-    history, start = [], time.perf_counter()
+    history, start, diverged = [], time.perf_counter(), None
     for epoch in range(epochs):
         epoch_loss = torch.zeros((), device=target)
-        for _ in range(steps_per_epoch):
+        for step in range(steps_per_epoch):
             batches = [next(stream) for _ in range(per_step)]
 
             def closure(context: Pass | None = None) -> Tensor:
@@ -151,11 +179,23 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
                 loss.backward()
                 return loss
 
-            epoch_loss += opt.step(closure).detach()
+            rate = opt.param_groups[0]["lr"]
+            loss = opt.step(closure).detach()
+            if not _finite(loss, floating):
+                diverged = {"epoch": epoch + 1, "step": step + 1, "steps_done": epoch * steps_per_epoch + step,
+                            "loss": float(loss), "lr": rate}
+                with torch.no_grad():
+                    torch._foreach_copy_(state, last_finite)
+                break
+            with torch.no_grad():
+                torch._foreach_copy_(last_finite, state)
+            epoch_loss += loss
             if schedule is not None:
                 schedule.step()
             if bar is not None:
                 bar.update(1)
+        if diverged is not None:
+            break
         history.append({"epoch": epoch + 1, "train_loss": float(epoch_loss) / steps_per_epoch})
         if bar is not None:
             bar.set_postfix(loss=f"{history[-1]['train_loss']:.4f}")
@@ -165,13 +205,62 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
 
     train_loss, train_accuracy = evaluate(model, dataset.x_train, dataset.y_train)
     metrics = {"train_loss": train_loss, "train_accuracy": train_accuracy, "epochs": epochs,
-               "steps": total_steps, "seconds": seconds}
+               "steps": total_steps if diverged is None else diverged["steps_done"], "seconds": seconds}
     if dataset.x_test is not None and dataset.y_test is not None:
         metrics["test_loss"], metrics["test_accuracy"] = evaluate(model, dataset.x_test, dataset.y_test)
     model.eval()
+    extra = {"batch_size": batch_size, "cosine": cosine, "device": str(target), "history": history}
+    if diverged is not None:
+        extra["stopped_early"] = diverged
     if out is not None:
         save_checkpoint(out, model, arch=arch, arch_kwargs=saved_kwargs, dataset=dataset.spec,
                         optimizer=list_optimizers(optimizer)[0].name, optimizer_hparams=record, metrics=metrics,
-                        seed=seed, extra={"batch_size": batch_size, "cosine": cosine, "device": str(target),
-                                          "history": history})
+                        seed=seed, extra=extra)
+    if diverged is not None:
+        raise LandscapeError(_divergence_message(diverged, steps_per_epoch, out))
     return TrainResult(model, opt, metrics, record, history)
+
+
+def _finite(loss: Tensor, tensors: list[Tensor]) -> bool:
+    """Whether a step's loss and the floating ``tensors`` (weights, buffers) after it are all finite (one sync)."""
+    largest = torch._foreach_norm(tensors, math.inf) if tensors else []  # max |entry|: NaN if any entry is NaN
+    return bool(torch.isfinite(torch.stack([loss.float().reshape(()), *(m.float() for m in largest)])).all())
+
+
+def _divergence_message(diverged: dict[str, Any], steps_per_epoch: int, out: str | None) -> str:
+    what = (f"the loss was {diverged['loss']:g}" if not math.isfinite(diverged["loss"])
+            else "the weights became NaN/inf")
+    kept = (f"wrote the weights from before that step to {out} (its metadata says stopped_early)" if out is not None
+            else "nothing was written (no out given)")
+    return (f"training diverged at epoch {diverged['epoch']}, step {diverged['step']} of {steps_per_epoch}: {what} "
+            f"(lr {diverged['lr']:g}); {kept}; lower --lr (e.g. 10x) and train again")
+
+
+def _check_dataset(dataset: Dataset) -> None:
+    """Refuse training data that would train nothing or NaN: non-finite inputs, fewer than two classes."""
+    for split in ("train", "test"):
+        inputs = getattr(dataset, f"x_{split}")
+        found = count_nonfinite({split: inputs}) if inputs is not None else None
+        if found:
+            raise LandscapeError(f"the {split} inputs of dataset '{dataset.spec}' hold {found[0]}; remove or "
+                                 "replace them (one NaN input makes every weight NaN)")
+    classes = torch.unique(dataset.y_train)
+    if len(classes) < 2:
+        raise LandscapeError(f"the train labels of dataset '{dataset.spec}' hold a single class "
+                             f"({int(classes[0])}); a classifier needs examples of at least two classes")
+
+
+def _check_model(model: nn.Module, arch: str, kwargs: dict[str, Any], dataset: Dataset, device: torch.device) -> None:
+    """Refuse a model (``--arch``/``--arch-kwargs``) that cannot take the dataset's inputs or labels."""
+    name = model_name(arch, kwargs.get("input_shape"))
+    fix = ("pass --arch-kwargs for a model that takes this dataset (its input_shape "
+           f"{tuple(dataset.input_shape)} and at least {dataset.num_classes} classes), or use other --data")
+
+    def forward(x: Tensor) -> Tensor:
+        with batchnorm_mode(model, "eval"):
+            return model(x.to(device))
+
+    for split in ("train", "test"):
+        inputs, labels = getattr(dataset, f"x_{split}"), getattr(dataset, f"y_{split}")
+        if inputs is not None and labels is not None:
+            check_fits(forward, inputs, labels, name, f"dataset '{dataset.spec}' ({split} split)", fix)

@@ -262,6 +262,9 @@ def test_blocks_split_top_level_containers():
             self.layers = nn.Sequential(nn.Linear(2, 2), nn.ReLU(), nn.Linear(2, 2))
             self.head = nn.Linear(2, 1)
 
+        def forward(self, x):
+            return self.head(self.layers(self.stem(x)))
+
     objective = Objective(Net(), torch.zeros(1, 2), torch.zeros(1, dtype=torch.long))
     assert parameter_blocks(objective) == {
         "stem": ["stem.weight", "stem.bias"], "layers.0": ["layers.0.weight", "layers.0.bias"],

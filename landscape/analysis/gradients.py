@@ -38,7 +38,11 @@ MINIBATCH = 128  # the diagnostics' default minibatch size (the CLI's too)
 
 
 def minibatches(objective: Objective, count: int, batch_size: int | None, seed: int) -> list[tuple[Tensor, Tensor]]:
-    """``count`` disjoint minibatches of ``batch_size`` examples (None: :data:`MINIBATCH`), drawn by ``seed``."""
+    """``count`` disjoint minibatches of ``batch_size`` examples (None: :data:`MINIBATCH`), drawn by ``seed``.
+
+    Refuses weights or inputs that hold NaN/inf: every gradient diagnostic would be NaN.
+    """
+    objective.require_finite("the gradient diagnostics")
     batch_size = MINIBATCH if batch_size is None else int(batch_size)
     if count < 1 or batch_size < 1:
         raise LandscapeError(f"batches and batch size must be >= 1, got {count} and {batch_size}")

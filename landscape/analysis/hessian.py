@@ -127,6 +127,7 @@ def hessian_spectrum(objective: Objective, top_k: int = 5, *, bottom_k: int = 0,
     if params is not None:
         objective = objective.derive(params=params)
     _validate(objective, config)
+    objective.require_finite("a Hessian spectrum")
     operator = HessianOperator(objective, hvp_batch, progress)
     arrays: dict[str, Any] = {}
     attrs: dict[str, Any] = {"backend": backend, "tol": tol, "num_params": operator.dim,

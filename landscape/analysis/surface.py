@@ -25,6 +25,7 @@ import hashlib
 import math
 import operator
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -37,7 +38,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from landscape.errors import LandscapeError
-from landscape.objective import Objective, accuracy_count, batchnorm_mode, has_batchnorm
+from landscape.objective import Objective, accuracy_count, batchnorm_mode, count_nonfinite, has_batchnorm
 from landscape.params import difference, flatten, global_norm, orthogonalize, random_direction, unflatten
 from landscape.results import Result
 from landscape.store import IncrementalGroup, MemoryGroup, provenance, read_group
@@ -307,7 +308,9 @@ class PointEvaluator:
       a pass over memory per activation. ``None``: always.
 
     The optimised copy is checked against the plain one at two generic points on a few examples; if
-    it fails or differs (an unusual model), stacking is dropped, then every speed-up.
+    it fails or differs (an unusual model), stacking is dropped, then every speed-up. Finite outputs
+    are compared, NaN/inf must match; if every probe output is NaN (NaN weights), the plain copy is used.
+    Weights or inputs holding NaN/inf give a ``RuntimeWarning``; their NaN values are returned as they are.
     ``self.speedups`` says what is used.
 
     Args:
@@ -336,6 +339,14 @@ class PointEvaluator:
         if bn_recompute and self.bn != "eval":
             raise LandscapeError("recomputing BatchNorm statistics is for eval mode (running statistics); "
                                  "use --bn eval with --bn-recompute, or drop --bn-recompute")
+        problems = dict.fromkeys(filter(None, (o.nonfinite() for o in self.objectives.values())))
+        moving = count_nonfinite({f"direction {i + 1} {n}": t for i, d in enumerate(directions) for n, t in d.items()})
+        if moving and not problems:  # e.g. towards a checkpoint with NaN weights
+            problems[f"the directions hold {moving[0]} (first in {moving[1]})",
+                     "use checkpoints without NaN/inf weights"] = None
+        for problem, fix in problems:  # a valid measurement: its NaN values are kept as they come
+            warnings.warn(f"{problem}: the losses that depend on them are NaN and are stored as NaN; {fix}",
+                          RuntimeWarning, stacklevel=2)
         self.bn_recompute = bn_recompute
         self.batch_statistics = self.bn == "train" and has_batchnorm(first.model)  # rows of a forward interact
         self.ignored_targets = any(not o.targets.is_floating_point() and bool((o.targets == -100).any())
@@ -458,16 +469,20 @@ class PointEvaluator:
         return torch.cat(outputs)
 
     def _agrees(self, reference: Tensor) -> bool:
-        """Whether the private copy, as built, runs and gives the plain copy's ``reference`` outputs."""
+        """Whether the private copy, as built, runs and gives the plain copy's ``reference`` outputs
+        (False when the reference has no finite entry to compare)."""
         try:
             candidate = self._probe()
         except Exception:  # noqa: BLE001 - e.g. a model that reads its row count cannot take stacked points
             return False
         reference = reference[:, :candidate.shape[1]]  # micro-batches may leave fewer probe rows
+        finite = torch.isfinite(reference)
+        if candidate.shape != reference.shape or not finite.any():  # all NaN (e.g. NaN weights): cannot decide
+            return False
         tolerance = 1e-8 if reference.dtype == torch.float64 else 1e-3
-        scale = float(reference.abs().max()) if reference.numel() else 1.0
-        return candidate.shape == reference.shape and torch.allclose(
-            candidate, reference, rtol=tolerance, atol=tolerance * max(scale, 1e-30))
+        scale = float(reference[finite].abs().max())
+        # finite entries within the tolerance; NaN and inf exactly where the reference has them
+        return torch.allclose(candidate, reference, rtol=tolerance, atol=tolerance * max(scale, 1e-30), equal_nan=True)
 
     def _fold_batchnorm(self, traced: Traced) -> int:
         """Fold each eval-mode BatchNorm that no direction moves into its Conv/Linear layer; returns how many."""
