@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 
 import click
 
@@ -30,15 +32,39 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def _echo_error(line: str) -> None:
+    click.echo(line, err=True)
+
+
 def _echo_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Show a warning as one line on stderr: ``warning: MESSAGE``."""
-    click.echo(f"warning: {message}", err=True)
+    """Show a warning as one line on stderr, ``warning: MESSAGE`` (rank 0 only under torchrun)."""
+    from landscape import distributed
+    if distributed.is_main():
+        click.echo(f"warning: {message}", err=True)
 
 
-class InputError(click.ClickException):
-    """Bad input from the user: one line on stderr, exit code 2."""
+def _fail(message: str, code: int) -> None:
+    """End the command: ``message`` on stderr and exit ``code``; under torchrun every rank exits ``code``
+    and rank 0 alone prints (see :func:`landscape.distributed.fail`)."""
+    from landscape import distributed
+    distributed.fail(message, code, _echo_error)
+    sys.exit(code)
 
-    exit_code = 2
+
+@contextlib.contextmanager
+def _ranks() -> Iterator[None]:
+    """Join torchrun's process group when launched by it; ranks other than 0 print nothing to stdout."""
+    from landscape import distributed
+    distributed.setup()
+    distributed.fail_together(_echo_error)
+    if distributed.is_main():
+        yield
+        return
+    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+        yield
+
+
+INPUT_ERROR = 2  # exit code for bad input from the user (one line on stderr)
 
 
 class LazyGroup(click.Group):
@@ -58,26 +84,27 @@ class LazyGroup(click.Group):
     def invoke(self, ctx: click.Context):
         from landscape.errors import LandscapeError
         try:
-            with warnings.catch_warnings():
+            with _ranks(), warnings.catch_warnings():
                 warnings.showwarning = _echo_warning
                 return super().invoke(ctx)
         except click.UsageError as exc:  # one line, not click's usage banner
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
-            raise InputError(f"{exc.format_message()} (see `landscape{command} --help`)") from None
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            _fail(f"Error: {exc.format_message()} (see `landscape{command} --help`)", INPUT_ERROR)
+        except click.ClickException as exc:
+            _fail(f"Error: {exc.format_message()}", exc.exit_code)
+        except (click.exceptions.Exit, click.Abort):
             raise
         except (LandscapeError, ValueError, OSError) as exc:
             if os.environ.get("LANDSCAPE_DEBUG"):
                 raise
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else exc.__class__.__name__
-            raise InputError(message) from None
+            _fail(f"Error: {message}", INPUT_ERROR)
         except Exception as exc:  # a bug, not bad input: still one line, exit 1
             if os.environ.get("LANDSCAPE_DEBUG"):
                 raise
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            click.echo(f"Internal error: {exc.__class__.__name__}: {first} "
-                       "(set LANDSCAPE_DEBUG=1 for the traceback and report it)", err=True)
-            sys.exit(1)
+            _fail(f"Internal error: {exc.__class__.__name__}: {first} "
+                  "(set LANDSCAPE_DEBUG=1 for the traceback and report it)", 1)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
