@@ -17,7 +17,6 @@ import pytest
 
 from clitools import invoke
 from landscape.errors import LandscapeError
-from landscape.plotting.interactive import LIFT
 from landscape.store import read_group, write_group
 
 X = np.linspace(-1.0, 1.0, 6)
@@ -73,6 +72,7 @@ def page_figure(html: str) -> tuple[list[dict], dict]:
 def check_figure(traces: list[dict], arrays: dict[str, np.ndarray]) -> None:
     """The surface and contour hold the stored loss ((len(y), len(x)) rows, gaps at NaN); each path's
     2-D and 3-D lines hold its stored coordinates, in its own colour."""
+    from landscape.plotting.interactive import LIFT
     kinds = [trace["type"] for trace in traces]
     surface, contour = traces[kinds.index("surface")], traces[kinds.index("contour")]
     for trace in (surface, contour):
@@ -176,7 +176,8 @@ def test_jupyter_shows_the_interactive_figure_or_the_static_one(surface_file, mo
 
 def test_importing_landscape_and_the_surface_result_imports_neither_plotly_nor_matplotlib():
     code = ("import sys, landscape, landscape.results, landscape.plotting, landscape.analysis.surface as s; "
-            "s.SurfaceResult({}, {}); print(sorted(m for m in ('plotly', 'matplotlib') if m in sys.modules))")
+            "assert callable(s.SurfaceResult({}, {})._repr_mimebundle_); "
+            "print(sorted(m for m in ('plotly', 'matplotlib') if m in sys.modules))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]"
 
