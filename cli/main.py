@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "cosine": ("landscape.cli.diagnostics", "cosine", "Gradient cosine stability and perturbed loss (R-SAM)."),
     "ratio": ("landscape.cli.diagnostics", "ratio", "SAM/SGD gradient-ratio histograms (SSAM)."),
     "plot": ("landscape.cli.plot", "plot", "Draw the figures of a results file (.h5)."),
-    "export": ("landscape.cli.export", "export", "Write a results file in another tool's format (Li et al.'s)."),
+    "export": ("landscape.cli.export", "export", "Write a results file as Li et al.'s file, ParaView .vtp, csv or npz."),
     "info": ("landscape.cli.info", "info", "Show a checkpoint's metadata or a results file's contents."),
     "models": ("landscape.cli.info", "models", "List the built-in architectures."),
     "datasets": ("landscape.cli.info", "datasets", "List the accepted dataset specs."),

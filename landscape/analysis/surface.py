@@ -70,6 +70,12 @@ class SurfaceResult(Result):
 
     group = "surface"
 
+    def _repr_mimebundle_(self, include=None, exclude=None) -> dict[str, Any]:
+        """Jupyter: the interactive figure when plotly is installed, else the static one (imported here,
+        so ``import landscape`` imports neither)."""
+        from landscape.plotting import display_bundle
+        return display_bundle(self.arrays, self.attrs, include, exclude)
+
     def directions(self) -> list[dict[str, Tensor]]:
         """The stored directions as tensor dicts keyed by parameter name (float32)."""
         like = {n: torch.empty(s) for n, s in zip(self.attrs["direction_names"], self.attrs["direction_shapes"])}

@@ -4,14 +4,20 @@ Each module exposes ``FIGURES = {group_name: draw(arrays, attrs, **options) -> F
 ``COMPARE`` (several results of a group in one figure). Figures are pyplot figures in whatever
 backend the process uses (inline in Jupyter); importing this package never changes it. Programs
 that only save figures, like the CLI, call :func:`use_file_backend` first.
+
+Surfaces also have an interactive figure (plotly, the optional ``interactive`` extra):
+:func:`plot_html` writes it as a self-contained page, and :func:`display_bundle` shows it in Jupyter
+(the static figure when plotly is missing). This package imports neither matplotlib nor plotly.
 """
 
 from __future__ import annotations
 
 import importlib
+import io
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from landscape.errors import LandscapeError
@@ -81,3 +87,40 @@ def plot_compare(paths: list[str | Path], group: str, out: str | Path, labels: l
     if group not in MODULES:
         raise LandscapeError(f"no figure is defined for /{group}; plottable groups: {', '.join(MODULES)}")
     return save_figure(importlib.import_module(MODULES[group]).COMPARE[group](entries, **options), out)
+
+
+def interactive_module() -> ModuleType | None:
+    """:mod:`landscape.plotting.interactive`, or None when plotly is not installed."""
+    try:
+        return importlib.import_module("landscape.plotting.interactive")
+    except ImportError as exc:
+        if (exc.name or "").partition(".")[0] != "plotly":
+            raise
+        return None
+
+
+def plot_html(path: str | Path, out_dir: str | Path | None = None, **options: Any) -> Path:
+    """Write the interactive figure of ``path``'s /surface to ``<out_dir>/<stem>_surface.html``
+    (default: next to the file); ``options``: ``log_loss``, ``metric``. Needs plotly."""
+    from landscape.store import read_group
+    interactive = interactive_module()
+    if interactive is None:
+        raise LandscapeError("interactive figures need plotly: pip install 'landscape[interactive]'")
+    path = Path(path)
+    arrays, attrs = read_group(path, "surface")
+    out = (Path(out_dir) if out_dir else path.parent) / f"{path.stem}_surface.html"
+    return interactive.write_html(arrays, attrs, out, **options)
+
+
+def display_bundle(arrays: Mapping[str, Any], attrs: Mapping[str, Any], include=None, exclude=None) -> dict[str, Any]:
+    """Jupyter's MIME bundle for a stored surface: plotly's (interactive, as plotly's renderer
+    settings say) when plotly is installed, else the static figure as a PNG."""
+    interactive = interactive_module()
+    if interactive is not None:
+        return interactive.surface_figure(arrays, attrs)._repr_mimebundle_(include, exclude)
+    figure = plot_group(arrays, attrs, "surface")
+    png = io.BytesIO()
+    figure.savefig(png, format="png", dpi=100, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+    plt.close(figure)  # shown once, through this bundle, not again by the inline backend
+    return {"image/png": png.getvalue()}

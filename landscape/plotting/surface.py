@@ -1,7 +1,8 @@
 """Figures for loss surfaces, interpolations and perturbed loss versus radius.
 
 ``FIGURES`` draws one stored result: 2-D surfaces as labelled contours, filled contours and a 3-D
-surface; 1-D slices and interpolations as loss and accuracy curves; radius curves on a log x axis.
+surface, with the stored optimizer trajectories (if any) on the contours; 1-D slices and
+interpolations as loss and accuracy curves; radius curves on a log x axis.
 ``COMPARE`` draws several results (e.g. SGD vs SAM) side by side on shared levels, or overlaid.
 Non-finite (divergent) points are left blank, never filled in.
 """
@@ -15,38 +16,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from landscape.errors import LandscapeError
+from landscape.plotting import surface_data as data
 
 Entry = tuple[str, Mapping[str, Any], Mapping[str, Any]]  # (label, arrays, attrs)
 KINDS = ("all", "contour", "filled", "3d")
 _COLORS = plt.get_cmap("tab10").colors
-
-
-def _splits(arrays: Mapping[str, Any]) -> list[str]:
-    return [s for s in ("train", "test", "eval") if f"{s}_loss" in arrays]
-
-
-def _metric(arrays: Mapping[str, Any], metric: str | None) -> str:
-    """The array to draw on a 2-D surface: ``metric`` or the first stored loss."""
-    chosen = metric or f"{_splits(arrays)[0]}_loss"
-    if chosen not in arrays:
-        stored = ", ".join(k for k in arrays if k.endswith(("_loss", "_acc")))
-        raise LandscapeError(f"the surface has no {chosen}; choose one of {stored}")
-    return chosen
-
-
-def _values(arrays: Mapping[str, Any], name: str, log_loss: bool) -> np.ma.MaskedArray:
-    """``arrays[name]`` with non-finite points masked; log10 of losses with ``log_loss``."""
-    values = np.asarray(arrays[name], dtype=np.float64)
-    if log_loss and name.endswith("_loss"):
-        with np.errstate(divide="ignore", invalid="ignore"):
-            values = np.log10(np.where(values > 0, values, np.nan))
-    return np.ma.masked_invalid(values)
-
-
-def _label(name: str, log_loss: bool) -> str:
-    split, _, what = name.partition("_")
-    text = f"{split} {'loss' if what == 'loss' else 'accuracy'}"
-    return f"log10 {text}" if log_loss and what == "loss" else text
 
 
 def _levels(values: Sequence[np.ma.MaskedArray], count: int) -> np.ndarray:
@@ -55,15 +29,6 @@ def _levels(values: Sequence[np.ma.MaskedArray], count: int) -> np.ndarray:
         raise LandscapeError("every point of the surface is divergent (inf/NaN); nothing to draw")
     low, high = float(finite.min()), float(finite.max())
     return np.linspace(low, high if high > low else low + 1e-12, count)
-
-
-def _subtitle(attrs: Mapping[str, Any]) -> str:
-    config = attrs.get("config", {})
-    parts = [str(attrs.get("checkpoint", "")).rsplit("/", 1)[-1] or None,
-             f"{config['normalization']}-normalised" if config.get("normalization") else None,
-             "orthogonal" if config.get("orthogonal") else None,
-             "BN recomputed" if config.get("bn_recompute") else None]
-    return ", ".join(p for p in parts if p)
 
 
 def _grid(arrays: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -85,9 +50,23 @@ def _contour(ax, arrays: Mapping[str, Any], values: np.ma.MaskedArray, levels: n
     return drawn
 
 
+def _trajectories(ax, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
+    """Each stored optimizer path as a line with markers in its own colour, its last step an arrow,
+    labelled in a legend (nothing when the surface holds no trajectory)."""
+    paths = data.trajectories(arrays, attrs)
+    for k, path in enumerate(paths):
+        color = data.PATH_COLORS[k % len(data.PATH_COLORS)]
+        ax.plot(path.x, path.y, "-o", color=color, ms=3, lw=1.3, label=path.label, zorder=4)
+        if len(path.x) > 1:
+            ax.annotate("", xy=(path.x[-1], path.y[-1]), xytext=(path.x[-2], path.y[-2]), zorder=5,
+                        arrowprops={"arrowstyle": "-|>", "color": color, "lw": 1.3, "shrinkA": 0, "shrinkB": 0})
+    if paths:
+        ax.legend(fontsize=8, loc="best")
+
+
 def _curves(loss_ax, acc_ax, arrays: Mapping[str, Any], x: np.ndarray, label: str, style: int, log_loss: bool,
             color_by_split: bool) -> None:
-    for i, split in enumerate(_splits(arrays)):
+    for i, split in enumerate(data.splits(arrays)):
         color = _COLORS[(i if color_by_split else style) % len(_COLORS)]
         line = ("-", "--", "-.", ":")[(style if color_by_split else i) % 4]
         name = f"{label}{split}" if label else split
@@ -119,13 +98,13 @@ def draw_surface(arrays: Mapping[str, Any], attrs: Mapping[str, Any], log_loss: 
     1-D: loss and accuracy along x."""
     if "ycoordinates" not in arrays:
         figure, loss_ax, _ = _curve_figure([("", arrays, attrs)], "xcoordinates", "x (direction 1)", log_loss)
-        figure.suptitle(f"1-D loss slice: {_subtitle(attrs)}", fontsize=10)
+        figure.suptitle(f"1-D loss slice: {data.subtitle(attrs)}", fontsize=10)
         figure.tight_layout()
         return figure
     if kind not in KINDS:
         raise LandscapeError(f"unknown surface plot kind {kind!r}; choose one of {', '.join(KINDS)}")
-    name = _metric(arrays, metric)
-    values = _values(arrays, name, log_loss)
+    name = data.metric(arrays, metric)
+    values = data.values(arrays, name, log_loss)
     steps = _levels([values], levels)
     kinds = ["contour", "filled", "3d"] if kind == "all" else [kind]
     figure = plt.figure(figsize=(5.2 * len(kinds), 4.6))
@@ -135,14 +114,15 @@ def draw_surface(arrays: Mapping[str, Any], attrs: Mapping[str, Any], log_loss: 
             x, y = _grid(arrays)
             ax.plot_surface(x, y, values.filled(np.nan), cmap="viridis", vmin=steps[0], vmax=steps[-1],
                             rstride=1, cstride=1, linewidth=0, antialiased=False)
-            ax.set(xlabel="x", ylabel="y", zlabel=_label(name, log_loss))
+            ax.set(xlabel="x", ylabel="y", zlabel=data.label(name, log_loss))
         else:
             ax = figure.add_subplot(1, len(kinds), i)
             drawn = _contour(ax, arrays, values, steps, filled=which == "filled")
+            _trajectories(ax, arrays, attrs)
             if which == "filled":
-                figure.colorbar(drawn, ax=ax, label=_label(name, log_loss))
+                figure.colorbar(drawn, ax=ax, label=data.label(name, log_loss))
         ax.set_title({"contour": "contours", "filled": "filled contours", "3d": "surface"}[which])
-    figure.suptitle(f"{_label(name, log_loss)}: {_subtitle(attrs)}", fontsize=10)
+    figure.suptitle(f"{data.label(name, log_loss)}: {data.subtitle(attrs)}", fontsize=10)
     figure.tight_layout()
     return figure
 
@@ -157,17 +137,18 @@ def compare_surface(entries: Sequence[Entry], log_loss: bool = False, metric: st
         figure, _, _ = _curve_figure(entries, "xcoordinates", "x (direction 1)", log_loss)
         figure.tight_layout()
         return figure
-    names = [_metric(arrays, metric) for _, arrays, _ in entries]
-    values = [_values(arrays, n, log_loss) for (_, arrays, _), n in zip(entries, names)]
+    names = [data.metric(arrays, metric) for _, arrays, _ in entries]
+    values = [data.values(arrays, n, log_loss) for (_, arrays, _), n in zip(entries, names)]
     steps = _levels(values, levels)
     figure, axes = plt.subplots(1, len(entries), figsize=(4.6 * len(entries) + 1, 4.4), squeeze=False)
-    for k, (ax, (label, arrays, _), value) in enumerate(zip(axes[0], entries, values)):
+    for k, (ax, (label, arrays, attrs), value) in enumerate(zip(axes[0], entries, values)):
         drawn = _contour(ax, arrays, value, steps, filled=True)
         _contour(ax, arrays, value, steps, filled=False, line_color="k")
+        _trajectories(ax, arrays, attrs)
         ax.set_title(label)
         if k:
             ax.set_ylabel("")
-    figure.colorbar(drawn, ax=list(axes[0]), label=_label(names[0], log_loss))
+    figure.colorbar(drawn, ax=list(axes[0]), label=data.label(names[0], log_loss))
     return figure
 
 
