@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "radius": ("landscape.cli.surface", "radius", "Perturbed loss versus radius: adversarial (SAM) vs random."),
     "cosine": ("landscape.cli.diagnostics", "cosine", "Gradient cosine stability and perturbed loss (R-SAM)."),
     "ratio": ("landscape.cli.diagnostics", "ratio", "SAM/SGD gradient-ratio histograms (SSAM)."),
+    "sharpness": ("landscape.cli.sharpness", "sharpness", "Worst- and average-case (adaptive) sharpness versus rho."),
     "plot": ("landscape.cli.plot", "plot", "Draw the figures of a results file (.h5)."),
     "export": ("landscape.cli.export", "export", "Write a results file as Li et al.'s file, ParaView .vtp, csv or npz."),
     "info": ("landscape.cli.info", "info", "Show a checkpoint's metadata or a results file's contents."),

@@ -37,6 +37,7 @@ _EXPORTS = {
     "radius_curve": "landscape.analysis.radius",
     "cosine_stability": "landscape.analysis.cosine",
     "gradient_ratio": "landscape.analysis.ratio",
+    "sharpness": "landscape.analysis.sharpness",
 }
 
 __all__ = ["__version__", *_EXPORTS]

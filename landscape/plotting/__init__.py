@@ -29,6 +29,7 @@ MODULES = {
     "radius": "landscape.plotting.surface",
     "cosine": "landscape.plotting.diagnostics",
     "ratio": "landscape.plotting.diagnostics",
+    "sharpness": "landscape.plotting.sharpness",
 }
 
 
