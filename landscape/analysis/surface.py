@@ -928,7 +928,8 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
             True/False/None for automatic; ``stack_points``: also an int); the values agree up to
             floating-point rounding either way. ``attrs["speedups"]`` says what was used.
         progress: called as ``progress(points_done, points_total)`` after each written block.
-        flush_seconds: finished points are written at least this often (0: after every point).
+        flush_seconds: finished points are written at least this often (0: after every block of
+            stacked points; the first block is always written at once).
 
     Divergent points are stored as they come (inf or NaN), never imputed.
     """
