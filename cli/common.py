@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import click
 
 F = Callable[..., Any]
+COORDINATE_BYTES = 64  # memory per grid coordinate: the array, the Python float in the config list, its JSON
 
 
 def _compose(*decorators: F) -> Callable[[F], F]:
@@ -104,8 +104,12 @@ def parse_floats(text: str, name: str = "value") -> list[float]:
 
 
 def parse_grid(text: str, name: str, log: bool = False, example: str = "-1:1:51"):
-    """``LO:HI:N`` (N points, ends included; log-spaced if ``log``) or a comma-separated list -> numpy array."""
+    """``LO:HI:N`` (N points, ends included; log-spaced if ``log``) or a comma-separated list -> numpy array.
+
+    An N whose coordinates cannot fit in memory is refused before anything is allocated."""
     import numpy as np
+
+    from landscape.resources import require
     if ":" not in text:
         values = np.asarray(parse_floats(text, name))
     else:
@@ -119,6 +123,7 @@ def parse_grid(text: str, name: str, log: bool = False, example: str = "-1:1:51"
                                    f"got {text!r}")
         if log and not (low > 0 and high > 0):
             raise click.UsageError(f"{name} is log-spaced, so LO and HI must be > 0; got {text!r}")
+        require(f"{name} with {count:,} points", f"give fewer points than {text!r}", memory=count * COORDINATE_BYTES)
         values = np.geomspace(low, high, count) if log else np.linspace(low, high, count)
     if not np.all(np.isfinite(values)):
         raise click.UsageError(f"{name} must hold finite numbers; got {text!r}")
@@ -149,13 +154,12 @@ def echo_registry(entries: list, what: str, pattern: str | None, label: str) -> 
         click.echo(f"{'':<{width}}  {label}: {values or 'none'}")
 
 
-def already_done(out: str, group: str, overwrite: bool, resume: bool) -> bool:
-    """True when ``--resume`` finds the group complete; refuse to recompute over it without ``--overwrite``."""
-    from landscape.errors import LandscapeError
-    from landscape.store import list_groups
+def already_done(out: str, group: str, overwrite: bool, resume: bool, objective: Any, seed: int | None,
+                 options: Mapping[str, Any]) -> bool:
+    """True when ``--resume`` finds ``group`` complete in ``out``, computed from ``objective``'s checkpoint
+    and evaluation set with ``seed`` and ``options`` (keys of the group's config); a mismatch is refused
+    (see :func:`landscape.store.check_resume`), and so is recomputing over the group without ``--overwrite``."""
+    from landscape.store import provenance, resume_complete
 
-    if overwrite or not Path(out).exists() or group not in list_groups(out):
-        return False
-    if resume:
-        return True
-    raise LandscapeError(f"{out} already holds /{group}; pass --overwrite to replace it or choose another --out")
+    wanted = provenance(options, objective.provenance(), seed, objective.device)
+    return resume_complete(out, group, wanted, resume=resume, overwrite=overwrite)

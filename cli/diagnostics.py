@@ -125,11 +125,15 @@ def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, d
     """
     from landscape.analysis.cosine import cosine_stability
 
-    if already_done(out, "cosine", overwrite, resume):
-        click.echo(f"{out}: /cosine is complete; nothing to do")
-        return
     rho_values, gamma_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")], parse_floats(gammas2, "--gammas2")
     objective = objective_from_options(checkpoint, seed=seed, **options)
+    given = {"rsam_gamma": rsam_gamma, "rsam_lam": rsam_lam}  # (the defaults are the optimizer's)
+    asked = {"rhos": rho_values, "gammas2": gamma_values, "noise": noise, "batches": batches, "draws": draws,
+             "bn": options["bn"], "pga_steps": pga_steps, "pga_step": pga_step,
+             **{key: value for key, value in given.items() if value is not None}}
+    if already_done(out, "cosine", overwrite, resume, objective, seed, asked):
+        click.echo(f"{out}: /cosine is complete; nothing to do")
+        return
     result = cosine_stability(objective, rho_values, gamma_values, noise=noise, batches=batches, draws=draws,
                               batch_size=options["batch_size"], bn=options["bn"], pga_steps=pga_steps,
                               pga_step=pga_step, rsam_gamma=rsam_gamma, rsam_lam=rsam_lam, seed=seed,
@@ -169,12 +173,15 @@ def ratio(checkpoint: str, rhos: str, perturbation: str, batches: int, bins: str
     """
     from landscape.analysis.ratio import gradient_ratio
 
-    if already_done(out, "ratio", overwrite, resume):
-        click.echo(f"{out}: /ratio is complete; nothing to do")
-        return
     rho_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")]
     edges = parse_bins(bins)
     objective = objective_from_options(checkpoint, seed=seed, **options)
+    given = {"asam_eta": asam_eta, "rsam_gamma": rsam_gamma, "rsam_lam": rsam_lam}  # (the defaults are the optimizer's)
+    asked = {"rhos": rho_values, "perturbation": perturbation, "batches": batches, "bin_edges": edges,
+             "bn": options["bn"], **{key: value for key, value in given.items() if value is not None}}
+    if already_done(out, "ratio", overwrite, resume, objective, seed, asked):
+        click.echo(f"{out}: /ratio is complete; nothing to do")
+        return
     result = gradient_ratio(objective, rho_values, perturbation=perturbation, batches=batches,
                             batch_size=options["batch_size"], bin_edges=edges, bn=options["bn"], asam_eta=asam_eta,
                             rsam_gamma=rsam_gamma, rsam_lam=rsam_lam, seed=seed, progress=progress)

@@ -55,10 +55,16 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
     """
     from landscape.analysis.hessian import HessianResult, hessian_spectrum
 
-    if already_done(out, HessianResult.group, overwrite, resume):
+    objective = objective_from_options(checkpoint, seed=seed, **options)
+    asked = {"top_k": top_k, "bottom_k": bottom_k, "eigenvectors": eigenvectors, "density": density, "trace": trace,
+             "params": params, "per_block": per_block, "n_v": n_v, "lanczos_steps": lanczos_steps,
+             "trace_hvps": trace_hvps, "max_hvps": max_hvps, "backend": backend, "bn": options["bn"],
+             "dtype": options["dtype"], "batch_size": options["batch_size"]}
+    if tol is not None:  # (the default depends on the backend)
+        asked["tol"] = tol
+    if already_done(out, HessianResult.group, overwrite, resume, objective, seed, asked):
         click.echo(HessianResult.load(out).summary())
         return
-    objective = objective_from_options(checkpoint, seed=seed, **options)
     with progress(None, "Hessian", "HVP") as bar, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
         result = hessian_spectrum(objective, top_k, bottom_k=bottom_k, eigenvectors=eigenvectors, density=density,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -48,12 +50,26 @@ def _other_checkpoint(path: str, options: dict[str, Any]) -> Any:
 
 
 class _Bar:
-    """Adapts a progress bar to the analyses' ``progress(done, total)`` callback."""
+    """Adapts a progress bar to the analyses' ``progress(done, total)`` callback, and after the first
+    written block says on stderr how long the rest will take (``~40.2 h for 1,000,000 points at
+    0.14 s/point``), shown or not."""
 
     def __init__(self, desc: str, unit: str) -> None:
         self.bar = progress(None, desc, unit)
+        self.start: tuple[float, int] | None = None  # (time, points done) at the first call
+        self.estimated = False
 
     def __call__(self, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        from landscape.resources import estimate
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (now, done)
+        elif not self.estimated and self.start[1] < done < total:
+            per_point = (now - self.start[0]) / (done - self.start[1])
+            tqdm.write(f"remaining: {estimate(total - done, per_point)}", file=sys.stderr)
+            self.estimated = True
         self.bar.total = total
         self.bar.n = done
         self.bar.refresh()
@@ -214,10 +230,12 @@ def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: 
 
     values = parse_grid(radii, "--radii", log=True, example="1e-3:10:25")
     levels = parse_grid(ratio_levels, "--ratio-levels") if ratio_levels else None
-    if already_done(out, RadiusResult.group, overwrite, resume):
+    objective = objective_from_options(checkpoint, seed=seed, **options)
+    asked = {"radii": values.tolist(), "draws": draws, "rho_p": rho_p, "bn": options["bn"], "seed": seed,
+             "ratio_levels": None if levels is None else levels.tolist(), "dtype": options["dtype"]}
+    if already_done(out, RadiusResult.group, overwrite, resume, objective, seed, asked):
         result = RadiusResult.load(out)
     else:
-        objective = objective_from_options(checkpoint, seed=seed, **options)
         result = _run_with_bar("radius", "point", radius_curve, objective=objective, radii=values, draws=draws,
                                rho_p=rho_p, seed=seed, ratio_levels=levels, out=out, resume=resume,
                                overwrite=overwrite)

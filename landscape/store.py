@@ -1,10 +1,34 @@
 """HDF5 results: one file, one group per analysis, provenance in attributes, crash-safe writes.
 
-- Whole results go through a temporary copy of the file and ``os.replace``, so the results
-  file is always either the old or the new version.
-- Long runs use :class:`IncrementalGroup`: a sidecar file ``<file>.<group>.partial`` holds
-  NaN-filled chunked datasets and a ``done`` mask, flushed after every unit of work. A killed
-  run resumes from it; on completion the group moves into the main file atomically.
+- Writers of one results file take turns: every read-modify-replace of ``<file>`` holds an advisory
+  lock (``fcntl.flock``) on the side file ``.<file>.lock``, and a writer that has to wait says so
+  on stderr. Concurrent analyses writing to one file therefore all keep their groups.
+- Whole results go through a temporary copy ``.<file>.tmp`` (written under the lock, fsynced) and
+  ``os.replace``, so the results file is always either the old or the new version.
+- Long runs use :class:`IncrementalGroup`, a sidecar ``<file>.<group>.partial``. HDF5 itself is not
+  crash-safe while its metadata changes (a kill in the middle leaves "bad object header" or "addr
+  overflow" files), so the sidecar's metadata never changes after it is made:
+
+  * it is laid out completely at creation: attributes (config and provenance), static arrays, one
+    contiguous, early-allocated, NaN-filled float64 dataset per value and the ``done`` mask
+    (False). It is built as ``.<partial>.tmp``, fsynced and renamed into place: a kill during
+    creation leaves no sidecar (the next run starts afresh) or a complete one;
+  * afterwards the HDF5 library never writes to it: units are written with ``os.pwrite`` into the
+    datasets' raw bytes at fixed offsets, first the values, then, once those writes have returned,
+    the units' ``done`` bytes. Whatever moment a process dies, the sidecar is valid HDF5 and a unit
+    marked done has its values. A SIGKILL does not lose the OS page cache, so nothing is fsynced
+    per write (only at creation and at the final move); an OS crash or power loss can lose the
+    most recent writes in any order, so after one, start over with ``--overwrite``;
+  * one run per group: the run holds the lock ``.<file>.<group>.lock`` for its lifetime, and a
+    second run of the same group is refused in one line (two runs writing one sidecar would mix);
+  * when every unit is done, the sidecar's group plus the arrays derived from it move into the main
+    file through the atomic edit above, and the sidecar is deleted. A kill before the replace leaves
+    the sidecar to resume from; one after it leaves both, and a resume moves the same group again.
+
+  A journal of checksummed records next to the file would also survive kills; writing raw bytes in
+  place keeps one format, readable by h5py at every moment, and costs nothing per write.
+- :func:`check_resume` is the one place that decides whether stored results may be resumed or reused
+  (same checkpoint, dataset, evaluation set, seed and options).
 - Attributes that are dicts or lists are stored as JSON strings and decoded on read.
 """
 
@@ -12,14 +36,16 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
 import platform
 import shutil
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import h5py
 import numpy as np
@@ -27,7 +53,9 @@ import numpy as np
 from landscape.errors import LandscapeError
 
 _JSON_PREFIXES = ("{", "[")
-CHUNK_VALUES = 4096  # float64 values per chunk of an incremental dataset at most (32 KiB), unless one unit is larger
+# the attributes that say what a result was computed from, compared by check_resume (with ``config``)
+RESUME_KEYS = {"checkpoint_sha256": "checkpoint", "dataset": "dataset", "eval_set": "evaluation set", "seed": "seed"}
+_MISSING = object()
 
 
 def _open(path: str | Path, mode: str) -> h5py.File:
@@ -76,21 +104,73 @@ def _read_tree(group: h5py.Group) -> tuple[dict[str, Any], dict[str, Any]]:
     return arrays, {k: _decode_attr(v) for k, v in group.attrs.items()}
 
 
+def _fsync(path: Path) -> None:
+    """Flush ``path`` (a file or a folder, e.g. after a rename in it) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _side(path: Path, suffix: str) -> Path:
+    """The hidden side file ``.<name><suffix>`` next to ``path``."""
+    return path.with_name(f".{path.name}{suffix}")
+
+
+@contextlib.contextmanager
+def _writer_lock(path: Path) -> Iterator[None]:
+    """Hold the lock of ``path``'s writers (``.<name>.lock``), waiting (and saying so) while another process has it."""
+    with open(_side(path, ".lock"), "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for another landscape process writing {path} ...", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def _claim(lock: Path, what: str) -> IO[str]:
+    """Take the lock file ``lock`` for this process (its pid written in it) or refuse while another holds it."""
+    handle = open(lock, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise LandscapeError(f"another landscape process{f' (pid {holder})' if holder else ''} is computing {what}; "
+                             "wait for it to finish (then --resume), or choose another --out") from None
+    handle.truncate(0)
+    handle.write(str(os.getpid()))
+    handle.flush()
+    return handle
+
+
 @contextlib.contextmanager
 def _atomic_edit(path: str | Path) -> Iterator[h5py.File]:
-    """Open a temporary copy of ``path`` (or a new file) for writing; replace ``path`` on success."""
+    """Open a temporary copy of ``path`` (or a new file) for writing; replace ``path`` on success.
+
+    The whole read-modify-replace holds the writers' lock of ``path``, so concurrent edits follow
+    one another instead of one replacing the other's work."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    if path.exists():
-        _open(path, "r").close()
-        shutil.copy2(path, tmp)
-    try:
-        with h5py.File(tmp, "a") as handle:
-            yield handle
+    tmp = _side(path, ".tmp")  # one editor at a time (the lock), so a fixed name; a killed one's is overwritten
+    with _writer_lock(path):
+        if path.exists():
+            _open(path, "r").close()
+            shutil.copy2(path, tmp)
+        else:
+            tmp.unlink(missing_ok=True)
+        try:
+            with h5py.File(tmp, "a") as handle:
+                yield handle
+            _fsync(tmp)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        _fsync(path.parent)
 
 
 def _refuse_existing(handle: h5py.File, path: str | Path, group: str, overwrite: bool) -> None:
@@ -145,17 +225,82 @@ def provenance(config: Mapping[str, Any], source: Mapping[str, Any], seed: int |
     }
 
 
+def _plain(value: Any) -> Any:
+    """``value`` as it reads back from an attribute (JSON types), for comparisons."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def _short(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
+    return f"{text[:12]}…" if len(text) > 12 else text or "none"
+
+
+def check_resume(where: str, stored: Mapping[str, Any], wanted: Mapping[str, Any]) -> None:
+    """Refuse, in one line naming what differs, to resume or reuse ``where`` when the attributes
+    ``wanted`` (as :func:`provenance` makes them) name another checkpoint, dataset, evaluation set,
+    seed or options than the decoded ``stored`` ones. Keys missing from ``wanted`` (or from its
+    ``config``) are not compared."""
+    differences = []
+    for key, label in RESUME_KEYS.items():
+        if key in wanted and _plain(stored.get(key, "")) != _plain(wanted[key]):
+            differences.append(f"another {label} ({_short(wanted[key])} here, {_short(stored.get(key, ''))} stored)")
+    config = stored.get("config") if isinstance(stored.get("config"), Mapping) else {}
+    options = _plain(wanted.get("config", {}))
+    changed = sorted(key for key in options if config.get(key, _MISSING) != options[key])
+    if changed:
+        differences.append(f"options differ ({', '.join(changed)})")
+    if differences:
+        raise LandscapeError(f"cannot resume {where}: {'; '.join(differences)}; rerun with what it was computed "
+                             "from, or pass --overwrite to start over")
+
+
+def resume_complete(path: str | Path, group: str, wanted: Mapping[str, Any], *, resume: bool,
+                    overwrite: bool) -> bool:
+    """Whether ``path`` already holds ``/group`` complete and ``resume`` may reuse it.
+
+    False when there is nothing to reuse, with ``overwrite``, or while the group's sidecar (see
+    :class:`IncrementalGroup`) waits to be resumed; an existing group is refused
+    without ``resume``, and with it unless :func:`check_resume` accepts ``wanted``."""
+    path = Path(path)
+    if overwrite or not path.exists() or sidecar(path, group).exists():
+        return False  # (a sidecar: the run was killed while moving its group in; resuming it moves it again)
+    with _open(path, "r") as handle:
+        if group not in handle:
+            return False
+        if not resume:
+            _refuse_existing(handle, path, group, False)
+        check_resume(f"/{group} of {path}", {k: _decode_attr(v) for k, v in handle[group].attrs.items()}, wanted)
+    return True
+
+
+def sidecar(path: str | Path, group: str) -> Path:
+    """The file ``<path>.<group>.partial`` in which :class:`IncrementalGroup` builds ``/group`` of ``path``."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.{group}.partial")
+
+
+def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
+    """Write all of ``data``'s bytes at ``offset`` of ``fd`` (one system call unless it comes back short)."""
+    view = memoryview(np.ascontiguousarray(data)).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
+
+
 class IncrementalGroup:
-    """A result computed unit by unit (a grid point, a batch, a radius) that survives being killed.
+    """A result computed unit by unit (a grid point, a batch, a radius) that survives being killed
+    at any moment (see the module docstring for how).
+
+    Units are numbered by their flat row-major index in ``unit_shape``; :meth:`write` stores a run of
+    consecutive units.
 
     Args:
         path: the main results file.
         group: the group name, e.g. ``surface``.
-        datasets: ``{name: trailing_shape}`` per unit; stored with shape ``unit_shape + trailing_shape``,
-            float64, NaN-filled, chunked by runs along the last unit axis (a grid row for scalar units,
-            one unit when the trailing shape is large): the slabs that a flush writes.
+        datasets: ``{name: trailing_shape}`` per unit; stored float64, NaN-filled, with shape
+            ``unit_shape + trailing_shape``.
         unit_shape: the grid of units, e.g. ``(51, 51)``.
-        attrs: provenance and config; a resume must present the same ``config``.
+        attrs: provenance and config; a resume must present the same (see :func:`check_resume`).
         static: arrays known up front (coordinates, directions), written once.
         resume: continue a partial run (or accept an already complete group).
         overwrite: discard a partial run and/or an existing group.
@@ -165,106 +310,130 @@ class IncrementalGroup:
                  unit_shape: tuple[int, ...], attrs: Mapping[str, Any], static: Mapping[str, Any] | None = None,
                  resume: bool = False, overwrite: bool = False) -> None:
         self.path, self.group, self.unit_shape = Path(path), group, tuple(unit_shape)
-        self.partial = self.path.with_name(f"{self.path.name}.{group}.partial")
-        self.overwrite = overwrite
+        self.datasets = {name: tuple(trailing) for name, trailing in datasets.items()}
+        self.partial = sidecar(self.path, group)
         self.complete = False
-        if self.path.exists():
-            with _open(self.path, "r") as handle:
-                if group in handle and not (resume or overwrite):
-                    _refuse_existing(handle, self.path, group, False)
-                if group in handle and resume and not self.partial.exists():
-                    self._check_config(handle[group], attrs, self.path)
-                    self.complete = True
-                    return
-        if self.partial.exists() and not resume:
-            if not overwrite:
+        self.fd: int | None = None
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock: IO[str] | None = _claim(_side(self.path, f".{group}.lock"), f"/{group} of {self.path}")
+        try:
+            self._start(attrs, dict(static or {}), resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, attrs: Mapping[str, Any], static: dict[str, Any], resume: bool, overwrite: bool) -> None:
+        if self.partial.exists():
+            if not (resume or overwrite):
                 raise LandscapeError(f"an interrupted run left {self.partial}; pass --resume to continue it "
                                      "or --overwrite to start over")
-            self.partial.unlink()
-        fresh = not self.partial.exists()
-        self.handle = _open(self.partial, "a")
-        if fresh:
-            root = self.handle
-            _write_tree(root, dict(static or {}), attrs)
-            for name, trailing in datasets.items():
-                shape = self.unit_shape + tuple(trailing)
-                root.create_dataset(name, shape=shape, dtype="f8", fillvalue=np.nan, chunks=self._chunks(trailing))
-            root.create_dataset("done", shape=self.unit_shape, dtype=bool, fillvalue=False,
-                                chunks=self.unit_shape or None)
-            self.handle.flush()
-        else:
-            self._check_config(self.handle, attrs, self.partial)
+            if overwrite:
+                self.partial.unlink()
+        if not self.partial.exists():
+            if resume_complete(self.path, self.group, attrs, resume=resume, overwrite=overwrite):
+                self.complete = True
+                self.close()  # nothing to write: let other runs of this group go
+                return
+            self._create(attrs, static)
+        with _open(self.partial, "r") as handle:
+            check_resume(str(self.partial), {k: _decode_attr(v) for k, v in handle.attrs.items()}, attrs)
+            self.offsets = self._layout(handle)
+            self._done = handle["done"][()]
+        self.fd = os.open(self.partial, os.O_RDWR)
 
-    def _chunks(self, trailing: tuple[int, ...]) -> tuple[int, ...]:
-        """One chunk per run of units along the last unit axis, of at most :data:`CHUNK_VALUES` values."""
-        trailing = tuple(max(1, s) for s in trailing)
-        if not self.unit_shape:
-            return trailing
-        run = max(1, min(self.unit_shape[-1], CHUNK_VALUES // math.prod(trailing)))
-        return (1,) * (len(self.unit_shape) - 1) + (run,) + trailing
+    def _create(self, attrs: Mapping[str, Any], static: Mapping[str, Any]) -> None:
+        """Lay the sidecar out completely under a temporary name, flush it to the disk, rename it into place."""
+        tmp = _side(self.partial, ".tmp")  # this group's lock is held, so a fixed name; a killed one's is overwritten
+        with h5py.File(tmp, "w") as root:
+            _write_tree(root, static, attrs)
+            for name, trailing in {**self.datasets, "done": ()}.items():
+                plist = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+                plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # storage and fill written now, never later
+                root.create_dataset(name, shape=self.unit_shape + trailing, dtype=bool if name == "done" else "<f8",
+                                    fillvalue=False if name == "done" else np.nan, dcpl=plist)
+        _fsync(tmp)
+        os.replace(tmp, self.partial)
+        _fsync(self.partial.parent)
 
-    @staticmethod
-    def _check_config(group: h5py.Group, attrs: Mapping[str, Any], where: Path) -> None:
-        stored = _decode_attr(group.attrs.get("config", ""))
-        wanted = json.loads(json.dumps(attrs.get("config", {}), sort_keys=True, default=str))
-        if stored != wanted:
-            changed = sorted(k for k in set(stored) | set(wanted) if stored.get(k) != wanted.get(k))
-            raise LandscapeError(f"cannot resume {where}: options differ ({', '.join(changed)}); "
-                                 "rerun with the same options or pass --overwrite")
+    def _layout(self, handle: h5py.File) -> dict[str, int]:
+        """Byte offset of each dataset's raw data; refuses a sidecar not laid out for this run."""
+        offsets = {}
+        for name, trailing in {**self.datasets, "done": ()}.items():
+            item = handle.get(name)
+            dtype = np.dtype(bool) if name == "done" else np.dtype("<f8")
+            offset = (item.id.get_offset() if isinstance(item, h5py.Dataset) and item.chunks is None
+                      and item.shape == self.unit_shape + trailing and item.dtype == dtype else None)
+            if offset is None:
+                raise LandscapeError(f"{self.partial} is not laid out for this run ({name}; an older version "
+                                     "made it?); pass --overwrite to start over")
+            offsets[name] = int(offset)
+        return offsets
 
     @property
     def done(self) -> np.ndarray:
+        """Which units are written, shaped ``unit_shape``."""
         if self.complete:
             return np.ones(self.unit_shape, dtype=bool)
-        return self.handle["done"][()]
+        return self._done.copy()
 
-    def pending(self) -> list[tuple[int, ...]]:
-        """Unit indices not yet computed, in row-major order."""
-        return [tuple(int(i) for i in idx) for idx in np.argwhere(~self.done)]
-
-    def write(self, index: tuple[int, ...], values: Mapping[str, Any]) -> None:
-        """Store one unit's values and mark it done; flushed to disk before returning."""
-        for name, value in values.items():
-            self.handle[name][index] = value
-        self.handle["done"][index] = True
-        self.handle.flush()
+    def write(self, start: int, values: Mapping[str, Any]) -> None:
+        """Store consecutive units from the flat index ``start`` on (``values[name]`` shaped
+        ``(units,) + trailing_shape``) and then mark them done: one ``pwrite`` per dataset, then one
+        for the ``done`` bytes. Durable against the process being killed once it returns."""
+        if set(values) != set(self.datasets):
+            raise ValueError(f"write needs exactly the values {sorted(self.datasets)}, got {sorted(values)}")
+        counts = set()
+        for name, trailing in self.datasets.items():
+            data = np.asarray(values[name], dtype="<f8").reshape(-1, *trailing)
+            counts.add(len(data))
+            if len(counts) > 1 or not 0 <= start <= start + len(data) <= self._done.size:
+                raise ValueError(f"units {start}..{start + len(data) - 1} of {name} do not fit the grid of "
+                                 f"{self._done.size} units or the other values")
+            _pwrite(self.fd, data, self.offsets[name] + start * data.itemsize * math.prod(trailing))
+        count = counts.pop()
+        _pwrite(self.fd, np.ones(count, dtype=bool), self.offsets["done"] + start)
+        self._done.reshape(-1)[start:start + count] = True
 
     def arrays(self) -> dict[str, Any]:
         """Everything written so far (NaN where not done)."""
         if self.complete:
             return read_group(self.path, self.group)[0]
-        return _read_tree(self.handle)[0]
+        with _open(self.partial, "r") as handle:
+            return _read_tree(handle)[0]
 
     def finalize(self, arrays: Mapping[str, Any] | None = None, attrs: Mapping[str, Any] | None = None) -> None:
         """Move the finished group, plus ``arrays`` and ``attrs`` derived from its units, into the main
         file in one atomic write, and delete the sidecar."""
         if self.complete:
             return
-        missing = int((~self.done).sum())
+        missing = int((~self._done).sum())
         if missing:
             raise LandscapeError(f"{missing} units of /{self.group} are not done; resume the run to finish them")
-        for name in arrays or {}:
-            if name in self.handle:  # written by a run killed while moving
-                del self.handle[name]
-        _write_tree(self.handle, dict(arrays or {}), dict(attrs or {}))
-        self.handle.close()
         with _open(self.partial, "r") as source, _atomic_edit(self.path) as target:
             _refuse_existing(target, self.path, self.group, True)
-            target.create_group(self.group)
+            group = target.create_group(self.group)
             for key, value in source.attrs.items():
-                target[self.group].attrs[key] = value
+                group.attrs[key] = value
             for name in source:
-                source.copy(source[name], target[self.group], name=name)
+                source.copy(source[name], group, name=name)
+            _write_tree(group, dict(arrays or {}), dict(attrs or {}))
         self.partial.unlink()
+        _fsync(self.partial.parent)
         self.complete = True
+        self.close()
 
     def close(self) -> None:
-        if not self.complete and self.handle.id.valid:
-            self.handle.close()
+        """Release the sidecar and this group's lock (idempotent)."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
 
 class MemoryGroup:
-    """In-memory stand-in for :class:`IncrementalGroup` when no output file is given."""
+    """In-memory stand-in for :class:`IncrementalGroup` when no output file is given (scalar units)."""
 
     def __init__(self, datasets: Sequence[str], unit_shape: tuple[int, ...], static: Mapping[str, Any]) -> None:
         self.unit_shape = tuple(unit_shape)
@@ -272,13 +441,12 @@ class MemoryGroup:
         self.done = np.zeros(unit_shape, dtype=bool)
         self.static = dict(static)
 
-    def pending(self) -> list[tuple[int, ...]]:
-        return [tuple(int(i) for i in index) for index in np.argwhere(~self.done)]
-
-    def write(self, index: tuple, values: Mapping[str, Any]) -> None:
+    def write(self, start: int, values: Mapping[str, Any]) -> None:
+        """Store consecutive units from the flat index ``start`` on."""
         for name, value in values.items():
-            self.values[name][index] = value
-        self.done[index] = True
+            value = np.asarray(value, dtype=np.float64).reshape(-1)
+            self.values[name].reshape(-1)[start:start + len(value)] = value
+            self.done.reshape(-1)[start:start + len(value)] = True
 
     def arrays(self) -> dict[str, Any]:
         return {**self.static, **self.values, "done": self.done.copy()}

@@ -310,8 +310,9 @@ def invoke(*args):
 
 def test_cli_prints_table_and_saves(checkpoint, tmp_path):
     out = tmp_path / "h.h5"
-    result = invoke(checkpoint, "--top-k", 5, "--density", "--trace", "--subset", 64, "--dtype", "float64",
-                    "--n-v", 2, "--lanczos-steps", 12, "--trace-hvps", 12, "--out", out)
+    options = ("--top-k", 5, "--density", "--trace", "--subset", 64, "--dtype", "float64", "--n-v", 2,
+               "--lanczos-steps", 12, "--trace-hvps", 12)
+    result = invoke(checkpoint, *options, "--out", out)
     assert result.exit_code == 0, result.output
     for text in ("λ1", "λ5", "λ1/λ5", "trace", "HVPs", "time"):
         assert text in result.output
@@ -319,7 +320,7 @@ def test_cli_prints_table_and_saves(checkpoint, tmp_path):
     assert stored["config"]["dtype"] == "float64" and stored["eval_set"]["n"] == 64
     again = invoke(checkpoint, "--out", out)
     assert again.exit_code == 2 and "--overwrite" in again.output and "Traceback" not in again.output
-    resumed = invoke(checkpoint, "--out", out, "--resume")
+    resumed = invoke(checkpoint, *options, "--out", out, "--resume")  # the same options: reused
     assert resumed.exit_code == 0 and stored.summary() in resumed.output
 
 

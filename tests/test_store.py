@@ -1,12 +1,10 @@
-"""HDF5 store: round trips, refusal to overwrite, corrupt files, and resume after SIGKILL."""
+"""HDF5 store: round trips, refusal to overwrite, corrupt files, locking, resume checks, and kills at every write."""
 
-import os
-import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
+import crashtools
 import h5py
 import numpy as np
 import pytest
@@ -74,85 +72,131 @@ def test_result_saves_and_loads(tmp_path):
 
 
 WORKER = textwrap.dedent("""
-    import sys, time
+    import sys
     import numpy as np
     from landscape.store import IncrementalGroup
-    path, delay = sys.argv[1], float(sys.argv[2])
-    run = IncrementalGroup(path, "grid", {"loss": (), "vector": (3,)}, (4, 5), {"config": {"n": 20}},
-                           static={"xcoordinates": np.arange(4.0)}, resume="--resume" in sys.argv)
-    for index in run.pending():
-        i, j = index
-        time.sleep(delay)
-        run.write(index, {"loss": i * 10.0 + j, "vector": np.array([i, j, -1.0])})
-        print(f"{i},{j}", flush=True)
-    run.finalize()
+    run = IncrementalGroup(sys.argv[1], "grid", {"loss": (), "vector": (3,)}, (3, 4), {"config": {"n": 12}},
+                           static={"xcoordinates": np.arange(3.0)}, resume=True)
+    done = run.done.reshape(-1)
+    for start in range(0, 12, 3):  # blocks of three units, like run_points
+        if not done[start:start + 3].all():
+            units = np.arange(start, start + 3)
+            print(*(f"unit {u}" for u in units), sep="\\n", flush=True)
+            run.write(start, {"loss": units * 10.0 + 0.5, "vector": np.stack([units, -units, units ** 2], 1)})
+    run.finalize({"total": np.nansum(run.arrays()["loss"])}, {"note": "derived"})
 """)
 
 
-def run_worker(tmp_path: Path, path: Path, delay: float, *extra: str) -> subprocess.Popen:
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    return subprocess.Popen([sys.executable, str(script), str(path), str(delay), *extra],
-                            stdout=subprocess.PIPE, text=True)
+def test_a_kill_at_any_write_leaves_a_sidecar_that_resumes_to_the_same_bits(tmp_path):
+    """Every pwrite/rename/unlink of creation, blocks and the final move, killed in turn; then
+    the claim behind it: after creation, only raw data bytes of the sidecar's datasets change."""
+    (tmp_path / "worker.py").write_text(WORKER)
+    run = crashtools.Resumable([str(tmp_path / "worker.py"), "{out}"], "grid", block=3, values=2,
+                               preload="import landscape.store")
+    events = crashtools.kill_everywhere(run, tmp_path)
+    assert [e.file for e in events if e.syscall.startswith("rename")] == [".r.h5.grid.partial.tmp", ".r.h5.tmp"]
+    assert events[-1].syscall.startswith("unlink") and events[-1].file == "r.h5.grid.partial" and len(events) > 30
+
+    layout = store.IncrementalGroup(tmp_path / "layout" / "r.h5", "grid", {"loss": (), "vector": (3,)}, (3, 4),
+                                    {"config": {"n": 12}}, static={"xcoordinates": np.arange(3.0)})
+    with h5py.File(layout.partial, "r") as handle:
+        ranges = [(handle[n].id.get_offset(), handle[n].id.get_offset() + handle[n].id.get_storage_size())
+                  for n in ("loss", "vector", "done")]
+    layout.close()
+    writes = [e.offset for e in events if e.syscall == "pwrite64" and e.file == "r.h5.grid.partial"]
+    assert len(writes) == 4 * 3
+    assert all(any(low <= offset < high for low, high in ranges) for offset in writes), (writes, ranges)
 
 
-def test_resume_after_sigkill_loses_nothing_and_recomputes_nothing(tmp_path):
-    reference = tmp_path / "reference.h5"
-    assert run_worker(tmp_path, reference, 0.0).wait(timeout=120) == 0
+CONCURRENT = textwrap.dedent("""
+    import sys, time
+    import numpy as np
+    from landscape import store
+    write_tree = store._write_tree
 
-    path = tmp_path / "killed.h5"
-    worker = run_worker(tmp_path, path, 0.2)
-    partial = path.with_name(path.name + ".grid.partial")
-    for _ in range(4):  # each printed line is a unit already flushed to disk
-        assert worker.stdout.readline(), "worker ended early"
-    os.kill(worker.pid, signal.SIGKILL)
-    worker.wait()
-    assert not path.exists(), "the main file must not hold a half-finished group"
-    with h5py.File(partial, "r") as handle:
-        done_mask = handle["done"][()]
-        assert 4 <= done_mask.sum() < 20
-        assert np.isnan(handle["loss"][()][~done_mask]).all()
+    def slow(group, arrays, attrs):  # inside the read-modify-replace of the results file
+        print("writing", flush=True)
+        time.sleep(float(sys.argv[3]))
+        write_tree(group, arrays, attrs)
 
-    with pytest.raises(LandscapeError, match="--resume"):
-        store.IncrementalGroup(path, "grid", {"loss": ()}, (4, 5), {"config": {"n": 20}})
-    with pytest.raises(LandscapeError, match="options differ"):
-        store.IncrementalGroup(path, "grid", {"loss": ()}, (4, 5), {"config": {"n": 21}}, resume=True).close()
+    store._write_tree = slow
+    store.write_group(sys.argv[1], sys.argv[2], {"v": np.arange(3.0)}, {})
+""")
 
-    resumed = run_worker(tmp_path, path, 0.0, "--resume")
-    out, _ = resumed.communicate(timeout=120)
-    assert resumed.returncode == 0
-    recomputed = {tuple(map(int, line.split(","))) for line in out.split()}
-    assert len(recomputed) == 20 - done_mask.sum(), "a finished point was recomputed"
-    assert not any(done_mask[i, j] for i, j in recomputed)
-    assert not partial.exists()
 
-    got, attrs = store.read_group(path, "grid")
-    want, _ = store.read_group(reference, "grid")
-    for name in ("loss", "vector", "xcoordinates", "done"):
-        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
-    assert attrs["config"] == {"n": 20}
+def test_concurrent_writers_of_one_file_keep_every_group(tmp_path):
+    script, path = tmp_path / "writer.py", tmp_path / "r.h5"
+    script.write_text(CONCURRENT)
+    store.write_group(path, "first", {"v": np.zeros(1)}, {})
+    slow = subprocess.Popen([sys.executable, str(script), str(path), "hessian", "2"], stdout=subprocess.PIPE, text=True)
+    assert slow.stdout.readline() == "writing\n"
+    fast = subprocess.run([sys.executable, str(script), str(path), "radius", "0"], capture_output=True, text=True,
+                          timeout=60)
+    assert slow.wait(timeout=60) == 0 and fast.returncode == 0, fast.stderr
+    assert fast.stderr.strip() == f"waiting for another landscape process writing {path} ..."
+    assert sorted(store.list_groups(path)) == ["first", "hessian", "radius"]
+
+
+def test_a_second_run_of_one_incremental_group_is_refused(tmp_path):
+    path = tmp_path / "r.h5"
+    first = store.IncrementalGroup(path, "grid", {"loss": ()}, (2, 2), {"config": {}})
+    with pytest.raises(LandscapeError, match=r"another landscape process \(pid \d+\) is computing /grid"):
+        store.IncrementalGroup(path, "grid", {"loss": ()}, (2, 2), {"config": {}}, resume=True)
+    other = store.IncrementalGroup(path, "other", {"loss": ()}, (2,), {"config": {}})  # another group may run
+    first.write(0, {"loss": [1.0, 2.0]})
+    first.close()
+    second = store.IncrementalGroup(path, "grid", {"loss": ()}, (2, 2), {"config": {}}, resume=True)
+    np.testing.assert_array_equal(second.done, [[True, True], [False, False]])
+    second.close()
+    other.close()
+
+
+@pytest.mark.parametrize("wanted, named", [
+    ({"checkpoint_sha256": "b" * 64}, "another checkpoint (bbbbbbbbbbbb… here, aaaaaaaaaaaa… stored)"),
+    ({"eval_set": {"split": "train", "n": 32}}, "another evaluation set"),
+    ({"dataset": "npz:x.npz"}, "another dataset (npz:x.npz here, digits stored)"),
+    ({"seed": 1}, "another seed (1 here, 0 stored)"),
+    ({"config": {"top_k": 3, "tol": 1e-4}}, "options differ (top_k)"),
+    ({"config": {"new_option": 1}}, "options differ (new_option)"),
+])
+def test_check_resume_names_what_differs(wanted, named):
+    stored = {"checkpoint_sha256": "a" * 64, "dataset": "digits", "eval_set": {"split": "train", "n": 64},
+              "seed": 0, "config": {"top_k": 5, "tol": 1e-4}}
+    store.check_resume("/hessian of r.h5", stored, {k: v for k, v in stored.items() if k != "config"} | {"config": {}})
+    with pytest.raises(LandscapeError) as error:
+        store.check_resume("/hessian of r.h5", stored, {**stored, **wanted})
+    message = str(error.value)
+    assert message.startswith("cannot resume /hessian of r.h5: ") and named in message and "\n" not in message
 
 
 def test_resume_of_a_complete_group_is_a_no_op(tmp_path):
     path = tmp_path / "r.h5"
     run = store.IncrementalGroup(path, "g", {"v": ()}, (2,), {"config": {}})
-    for index in run.pending():
-        run.write(index, {"v": 1.0})
+    run.write(0, {"v": [1.0, 1.0]})
     run.finalize()
     again = store.IncrementalGroup(path, "g", {"v": ()}, (2,), {"config": {}}, resume=True)
-    assert again.pending() == [] and again.complete
+    assert again.done.all() and again.complete
     np.testing.assert_array_equal(again.arrays()["v"], [1.0, 1.0])
     with pytest.raises(LandscapeError, match="--overwrite"):
         store.IncrementalGroup(path, "g", {"v": ()}, (2,), {"config": {}})
+    with pytest.raises(LandscapeError, match="options differ"):
+        store.IncrementalGroup(path, "g", {"v": ()}, (2,), {"config": {"other": 1}}, resume=True)
 
 
-def test_incremental_chunks_are_runs_of_units_along_the_last_axis(tmp_path):
-    """A grid row per chunk for scalar units (what a flush writes); one unit per chunk once a unit is large."""
-    run = store.IncrementalGroup(tmp_path / "r.h5", "g", {"loss": (), "curve": (3,), "vector": (10_000,)},
-                                 (51, 60), {"config": {}})
-    chunks = {name: run.handle[name].chunks for name in ("loss", "curve", "vector")}
+def test_sidecar_is_laid_out_whole_at_creation(tmp_path):
+    """Contiguous, allocated, NaN-filled datasets and a done mask: later writes change no metadata."""
+    run = store.IncrementalGroup(tmp_path / "r.h5", "g", {"loss": (), "vector": (3,)}, (5, 4), {"config": {}})
+    with h5py.File(run.partial, "r") as handle:
+        for name, shape in (("loss", (5, 4)), ("vector", (5, 4, 3)), ("done", (5, 4))):
+            assert handle[name].chunks is None and handle[name].shape == shape
+            assert handle[name].id.get_storage_size() == np.prod(shape) * handle[name].dtype.itemsize
+        assert np.isnan(handle["vector"][()]).all() and not handle["done"][()].any()
+    size = run.partial.stat().st_size
+    run.write(2, {"loss": [1.0, 2.0], "vector": np.ones((2, 3))})
+    assert run.partial.stat().st_size == size
+    with h5py.File(run.partial, "r") as handle:
+        np.testing.assert_array_equal(handle["loss"][0], [np.nan, np.nan, 1.0, 2.0])
+        np.testing.assert_array_equal(handle["done"][0], [False, False, True, True])
+    with pytest.raises(ValueError):
+        run.write(19, {"loss": [1.0, 2.0], "vector": np.ones((2, 3))})  # past the last unit
     run.close()
-    assert chunks == {"loss": (1, 60), "curve": (1, 60, 3), "vector": (1, 1, 10_000)}
-    long = store.IncrementalGroup(tmp_path / "long.h5", "g", {"loss": ()}, (100_000,), {"config": {}})
-    assert long.handle["loss"].chunks == (store.CHUNK_VALUES,)
-    long.close()

@@ -1,23 +1,17 @@
 """Loss surfaces and interpolation, checked against hand-built perturbed models evaluated with a plain forward."""
 
 import copy
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
-import h5py
+import crashtools
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
-from clitools import kill_after_progress
 from torch import nn
 
 from landscape.analysis import surface
-from landscape.analysis.surface import PointEvaluator, _slabs, interpolate, loss_surface, surface_directions
+from landscape.analysis.surface import PointEvaluator, interpolate, loss_surface, surface_directions
 from landscape.checkpoint import save_checkpoint
 from landscape.cli.main import cli
 from landscape.data import eval_subset
@@ -25,6 +19,7 @@ from landscape.errors import LandscapeError
 from landscape.models import build_model
 from landscape.objective import Objective
 from landscape.results import Result
+from landscape.store import MemoryGroup
 
 
 def assert_close(actual, expected, rtol, what):
@@ -160,13 +155,37 @@ def test_micro_batches_keep_the_exact_mean_and_skip_batch_statistics_and_ignored
     assert_close(evaluator.evaluate([[0.0, 0.0]])["train_loss"], [plain_metrics(perturbed(model, {}), x, y)[0]], 1e-10, "loss")
 
 
-def test_blocks_of_points_become_few_hyperslabs():
-    shape = (4, 3)
-    block = [(0, 1), (0, 2), (1, 0), (1, 1), (1, 2), (2, 0), (2, 1), (2, 2), (3, 0), (3, 2)]
-    assert _slabs(block, shape) == [((0, slice(1, 3)), slice(0, 2), (2,)),
-                                    ((slice(1, 3), slice(None)), slice(2, 8), (2, 3)),
-                                    ((3, slice(0, 1)), slice(8, 9), (1,)), ((3, slice(2, 3)), slice(9, 10), (1,))]
-    assert _slabs([(2,), (3,), (5,)], (6,)) == [((slice(2, 4),), slice(0, 2), (2,)), ((slice(5, 6),), slice(2, 3), (1,))]
+class Recorder:
+    """A stand-in evaluator that stacks ``stack`` points per forward: records the points of every
+    call; a point (i, j) is worth 10 i + j."""
+
+    def __init__(self, stack: int) -> None:
+        self.stack, self.calls = stack, []
+
+    def evaluate(self, points):
+        self.calls.append([tuple(point) for point in points])
+        return {"train_loss": np.array([10.0 * i + j for i, j in points])}
+
+
+def test_points_go_in_fixed_blocks_whatever_is_already_done():
+    """Blocks start at multiples of the stack size in grid order and go whole into one call, so a
+    resumed run stacks every point with the same others as an uninterrupted one."""
+    sink = MemoryGroup(["train_loss"], (4, 3), {})
+    sink.write(0, {"train_loss": [0.0, 1.0, 2.0]})  # block 0 done
+    sink.write(6, {"train_loss": [20.0, 21.0, 22.0]})  # block 2 done
+    sink.write(9, {"train_loss": [30.0]})  # block 3 partly marked (a kill inside its done write)
+    recorder, progress = Recorder(stack=3), []
+    surface.run_points(sink, recorder, lambda index: index, lambda *p: progress.append(p), flush_seconds=0)
+    assert recorder.calls == [[(1, 0), (1, 1), (1, 2)], [(3, 0), (3, 1), (3, 2)]]
+    np.testing.assert_array_equal(sink.values["train_loss"], 10.0 * np.arange(4)[:, None] + np.arange(3))
+    assert sink.done.all() and progress == [(7, 12), (10, 12), (12, 12)]
+
+
+def test_the_first_block_is_written_at_once_then_every_flush_interval():
+    """An early write: a first time per point for the estimate of the rest, and early progress."""
+    sink, recorder, progress = MemoryGroup(["train_loss"], (1, 5), {}), Recorder(stack=2), []
+    surface.run_points(sink, recorder, lambda index: index, lambda *p: progress.append(p), flush_seconds=60.0)
+    assert progress == [(0, 5), (2, 5), (5, 5)] and recorder.calls[0] == [(0, 0), (0, 1)]
 
 
 def test_one_dimensional_slice_on_two_splits(data, digits):
@@ -350,64 +369,14 @@ def test_interpolating_a_model_with_itself_is_flat(data):
     assert_close(result["train_loss"], [plain_metrics(model, x, y)[0]] * 3, 1e-12, "loss of a zero direction")
 
 
-SCRIPT = textwrap.dedent("""
-    import os, sys, time
-    import numpy as np, torch
-    from torch import nn
-    from landscape.analysis import surface
-    from landscape.objective import Objective
-
-    class Slow(nn.Module):
-        def forward(self, x):
-            time.sleep(float(os.environ.get("SLOW", "0")))
-            return x
-
-    torch.manual_seed(0)
-    model = nn.Sequential(Slow(), nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double().eval()
-    x, y = torch.randn(40, 6, dtype=torch.float64), torch.randint(0, 3, (40,))
-    evaluated = []
-    evaluate = surface.PointEvaluator.evaluate
-    surface.PointEvaluator.evaluate = lambda self, points: evaluated.extend(points) or evaluate(self, points)
-    stop = int(os.environ.get("STOP_AFTER", "0"))
-
-    def report(done, total):
-        print(done, total, flush=True)
-        if stop and done >= stop:
-            time.sleep(600)  # killed here, after a flushed write
-
-    surface.loss_surface(Objective(model, x, y, batch_size=16), np.linspace(-1, 1, 6), np.linspace(-2, 2, 5),
-                         out=sys.argv[1], resume=sys.argv[2] == "resume", flush_seconds=0, progress=report)
-    print("evaluated", len(evaluated), flush=True)
-""")
-
-
-def run_script(tmp_path: Path, out: Path, mode: str, **env: str) -> subprocess.Popen:
-    script = tmp_path / "run_surface.py"
-    script.write_text(SCRIPT)
-    return subprocess.Popen([sys.executable, str(script), str(out), mode], stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, **env})
-
-
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
-    out, reference = tmp_path / "killed.h5", tmp_path / "reference.h5"
-    worker = run_script(tmp_path, out, "fresh", SLOW="0.01", STOP_AFTER="7")
-    kill_after_progress(worker, 7)
-    partial = tmp_path / "killed.h5.surface.partial"
-    with h5py.File(partial, "r") as handle:
-        done_before = int(handle["done"][()].sum())
-    assert 7 <= done_before < 30 and not out.exists()
-
-    resumed = run_script(tmp_path, out, "resume")
-    lines = resumed.communicate()[0].split("\n")
-    assert resumed.returncode == 0, lines
-    assert lines[0] == f"{done_before} 30", "resume must start from the flushed points"
-    assert f"evaluated {30 - done_before}" in lines, f"only the missing points are computed: {lines}"
-    plain = run_script(tmp_path, reference, "fresh")
-    assert plain.communicate()[0] and plain.returncode == 0
-    final, expected = Result.load(out, "surface"), Result.load(reference, "surface")
-    for name in ("train_loss", "train_acc", "xcoordinates", "ycoordinates", "xdirection", "ydirection", "done"):
-        np.testing.assert_array_equal(final[name], expected[name], err_msg=name)
-    assert not partial.exists()
+@pytest.mark.parametrize("name", ["surface", "interpolation"])
+def test_a_kill_at_any_write_resumes_to_the_same_bits(tmp_path, name):
+    """Killed at every write of creating the sidecar, writing its two blocks (3 or 2 stacked points)
+    and moving it into the results file: the sidecar always opens, no done point is NaN, nothing
+    finished is recomputed, and the result is bit-identical to an uninterrupted run (see crashtools)."""
+    run = crashtools.analysis(tmp_path, name)
+    events = crashtools.kill_everywhere(run, tmp_path)
+    assert sum(e.file == f"r.h5.{name}.partial" and e.syscall == "pwrite64" for e in events) == 2 * 3
 
 
 def test_resume_refuses_other_options(data, tmp_path):

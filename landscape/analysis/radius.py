@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from landscape.analysis.surface import PointEvaluator, run_group
+from landscape.analysis.surface import PointEvaluator, check_room, run_group
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
 from landscape.optimizers import filterwise_noise, sam_perturbation
@@ -104,6 +104,10 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
         raise LandscapeError("radii must be positive finite numbers, e.g. 1e-3:10:25 (log-spaced)")
     if draws < 1:
         raise LandscapeError(f"draws must be >= 1, got {draws}")
+    # the n + 1 directions, held about three times (drawn, the evaluator's copy, its stacked copy)
+    directions = 3 * (draws + 1) * objective.num_params * torch.finfo(objective.dtype).bits // 8
+    check_room(out, (len(radii), draws + 1), ["eval_loss", "eval_acc"],
+               f"radius with {len(radii):,} radii x {draws + 1:,} directions", memory=directions)
     names = list(objective.params)
     weights = [objective.params[n] for n in names]
     gradient = objective.gradient()
@@ -116,9 +120,7 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
     loss_base, acc_base = float(base["eval_loss"][0]), float(base["eval_acc"][0])
     config = {"radii": radii.tolist(), "draws": draws, "rho_p": rho_p, "bn": objective.bn, "seed": seed,
               "ratio_levels": None if ratio_levels is None else [float(v) for v in ratio_levels],
-              "dtype": str(objective.dtype).replace("torch.", ""),
-              "checkpoint_sha256": str(objective.source.get("checkpoint_sha256", "")),
-              "eval_set": objective.source.get("eval_set", {})}
+              "dtype": str(objective.dtype).replace("torch.", "")}
     attrs = {**provenance(config, objective.provenance(), seed, objective.device), "loss_base": loss_base,
              "acc_base": acc_base, "gradient_norm": float(global_norm(list(gradient.values()))),
              "speedups": evaluator.speedups}

@@ -12,7 +12,9 @@
   batch is stacked once per point and each Linear applies its own weights to its block (bmm).
 - :func:`evaluate_points` evaluates any list of grid indices (the unit a sharded run distributes).
   :func:`run_group` writes blocks of finished points through :class:`landscape.store.IncrementalGroup`,
-  so a killed run resumes with no finished point lost and none recomputed (``landscape radius`` uses it too).
+  so a killed run resumes with no finished point lost and none recomputed, bit-identical to an
+  uninterrupted run (``landscape radius`` uses it too). :func:`check_room` refuses grids that
+  cannot fit in memory or on disk before anything is allocated.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from torch.func import functional_call
 from landscape.errors import LandscapeError
 from landscape.objective import Objective, accuracy_count, batchnorm_mode, count_nonfinite, has_batchnorm
 from landscape.params import difference, flatten, global_norm, orthogonalize, random_direction, unflatten
+from landscape.resources import require
 from landscape.results import Result
 from landscape.store import IncrementalGroup, MemoryGroup, provenance, read_group
 
@@ -773,61 +776,67 @@ def evaluate_points(evaluator: PointEvaluator, point_of: PointOf,
     return evaluator.evaluate([point_of(index) for index in indices])
 
 
-def _slabs(block: Sequence[tuple[int, ...]], shape: tuple[int, ...]) -> list[tuple[tuple, slice, tuple[int, ...]]]:
-    """Split a row-major run of grid indices into hyperslabs: ``(index expression, positions in block, shape)``.
-
-    Neighbours along the last axis form one slab; consecutive complete rows of a 2-D grid form one too.
-    """
-    slabs, start = [], 0
-    while start < len(block):
-        first, stop = block[start], start + 1
-        while stop < len(block) and block[stop][:-1] == first[:-1] and block[stop][-1] == block[stop - 1][-1] + 1:
-            stop += 1
-        width = shape[-1]
-        if len(shape) == 2 and stop - start == width:
-            rows = 1
-            while stop + width <= len(block) and block[stop] == (first[0] + rows, 0) \
-                    and block[stop + width - 1] == (first[0] + rows, width - 1):
-                stop, rows = stop + width, rows + 1
-            slabs.append(((slice(first[0], first[0] + rows), slice(None)), slice(start, stop), (rows, width)))
-        else:
-            slabs.append(((*first[:-1], slice(first[-1], first[-1] + stop - start)), slice(start, stop),
-                          (stop - start,)))
-        start = stop
-    return slabs
+def _unravel(flat: np.ndarray, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
+    """Grid indices of the flat row-major indices ``flat``."""
+    return list(zip(*(axis.tolist() for axis in np.unravel_index(flat, shape))))
 
 
 def run_points(sink: IncrementalGroup | MemoryGroup, evaluator: PointEvaluator, point_of: PointOf,
                progress: Progress | None, flush_seconds: float) -> None:
-    """Evaluate every pending unit of ``sink`` at ``point_of(index)`` and write the finished ones, as
-    few hyperslabs, at least every ``flush_seconds`` (so a kill loses at most that much work, and no
-    written unit is recomputed)."""
-    pending = sink.pending()
+    """Evaluate every unit of ``sink`` not yet done at ``point_of(index)`` and write the finished ones
+    at least every ``flush_seconds`` (so a kill loses at most that much work, and no written unit is
+    recomputed).
+
+    Units go in blocks of ``evaluator.stack`` consecutive row-major units, whose boundaries are fixed
+    multiples of that size, and a block is always evaluated whole (one stacked forward): every point
+    is computed together with the same others whether or not the run was interrupted, so a resumed
+    result is bit-identical to an uninterrupted one. (Only a block that a kill left partly marked
+    done, in the middle of its ``done`` write, has its marked points computed again.)
+    """
     shape = sink.unit_shape
-    total, done = math.prod(shape), math.prod(shape) - len(pending)
+    total = math.prod(shape)
+    size = max(1, int(evaluator.stack))
+    done = np.array(sink.done, dtype=bool).reshape(-1)  # as it was at the start
+    starts = np.arange(0, total, size)
+    pending = starts[~np.logical_and.reduceat(done, starts)]
+    finished, first = int(done.sum()), True
     if progress is not None:
-        progress(done, total)
-    start = position = 0
-    chunk, since = 1, time.perf_counter()
-    values: dict[str, list[float]] = {}
+        progress(finished, total)
+    position, blocks_per_call, since = 0, 1, time.perf_counter()
+    indices: list[np.ndarray] = []
+    values: dict[str, list[np.ndarray]] = {}
     while position < len(pending):
         began = time.perf_counter()
-        indices = pending[position:position + chunk]
-        for name, value in evaluate_points(evaluator, point_of, indices).items():
-            values.setdefault(name, []).extend(value.tolist())
-        position += len(indices)
-        # cheap points go several per call: about 0.1 s of work, well inside the flush interval
-        per_point = (time.perf_counter() - began) / len(indices)
-        chunk = max(1, min(256, int(min(0.1, flush_seconds / 4) / max(per_point, 1e-9))))
-        if position < len(pending) and time.perf_counter() - since < flush_seconds:
-            continue
-        block = pending[start:position]
-        for where, positions, slab in _slabs(block, shape):
-            sink.write(where, {name: np.asarray(v[positions]).reshape(slab) for name, v in values.items()})
-        done += len(block)
+        blocks = pending[position:position + blocks_per_call]
+        flat = np.concatenate([np.arange(start, min(start + size, total)) for start in blocks])
+        for name, value in evaluate_points(evaluator, point_of, _unravel(flat, shape)).items():
+            values.setdefault(name, []).append(value)
+        indices.append(flat)
+        position += len(blocks)
+        # cheap blocks go several per call: about 0.1 s of work, well inside the flush interval
+        per_block = (time.perf_counter() - began) / len(flat) * size
+        blocks_per_call = max(1, min(256 // size, int(min(0.1, flush_seconds / 4) / max(per_block, 1e-9))))
+        if position < len(pending) and time.perf_counter() - since < flush_seconds and not first:
+            continue  # (the first block is written at once: early progress and a first time per point)
+        flat = np.concatenate(indices)
+        merged = {name: np.concatenate(parts) for name, parts in values.items()}
+        for run in np.split(np.arange(len(flat)), np.flatnonzero(np.diff(flat) != 1) + 1):  # consecutive units
+            sink.write(int(flat[run[0]]), {name: value[run] for name, value in merged.items()})
+        finished += int((~done[flat]).sum())
         if progress is not None:
-            progress(done, total)
-        start, values, since = position, {}, time.perf_counter()
+            progress(finished, total)
+        indices, values, since, first = [], {}, time.perf_counter(), False
+
+
+def check_room(out: str | Path | None, shape: tuple[int, ...], names: Sequence[str], what: str,
+               memory: float = 0.0) -> None:
+    """Refuse a run of ``shape`` units of the scalar values ``names`` that cannot fit: in memory, its
+    values and done mask (plus ``memory`` bytes the caller needs); on disk next to ``out``, its
+    ``.partial`` sidecar and the final copy of the results file (see :mod:`landscape.resources`)."""
+    group = math.prod(shape) * (8 * len(names) + 1)
+    existing = Path(out).stat().st_size if out is not None and Path(out).exists() else 0
+    require(f"{what} ({math.prod(shape):,} points)", "use fewer points, or a machine with more room",
+            memory=group + memory, disk=2 * group + existing if out is not None else 0.0, where=out)
 
 
 def _label_splits(objective: Objective, test_objective: Objective | None) -> dict[str, Objective]:
@@ -839,6 +848,17 @@ def _label_splits(objective: Objective, test_objective: Objective | None) -> dic
         raise LandscapeError("the first objective is on the test split and a test objective was given too; "
                              "pass the train-split objective first")
     return {"train": objective, "test": test_objective}
+
+
+def _metric_names(objectives: Mapping[str, Objective]) -> list[str]:
+    return [f"{split}_{metric}" for split in objectives for metric in METRICS]
+
+
+def _grid_room(out: str | Path | None, objectives: Mapping[str, Objective], coordinates: Sequence[np.ndarray],
+               group: str) -> None:
+    """:func:`check_room` for a grid of ``coordinates``, before anything grid-sized is made."""
+    shape = tuple(len(axis) for axis in coordinates)
+    check_room(out, shape, _metric_names(objectives), f"a {'x'.join(map(str, shape))} {group}")
 
 
 def _axis(values: Any, name: str) -> np.ndarray:
@@ -854,14 +874,13 @@ def _grid(result_type: type[Result], objectives: Mapping[str, Objective], direct
           evaluator_options: Mapping[str, Any] | None, progress: Progress | None, flush_seconds: float) -> Result:
     """Evaluate ``objectives`` on the grid ``coordinates`` along ``directions``; write ``/group`` to ``out``."""
     first = next(iter(objectives.values()))
+    names = _metric_names(objectives)
+    shape = tuple(len(axis) for axis in coordinates)
     config = {**config, "splits": list(objectives), "bn": first.bn, "bn_recompute": bn_recompute,
               "dtype": str(first.dtype).replace("torch.", ""), "evaluator_options": dict(evaluator_options or {}),
-              "checkpoint_sha256": str(first.source.get("checkpoint_sha256", "")),
               "eval_sets": {s: o.source.get("eval_set", {}) for s, o in objectives.items()}}
     evaluator = PointEvaluator(objectives, directions, bn_recompute=bn_recompute, **(evaluator_options or {}))
     attrs = {**provenance(config, first.provenance(), seed, first.device), **extra, "speedups": evaluator.speedups}
-    names = [f"{s}_{m}" for s in objectives for m in METRICS]
-    shape = tuple(len(axis) for axis in coordinates)
     arrays, _ = run_group(out, result_type.group, names, shape, attrs, static, evaluator, grid_point(coordinates),
                           resume=resume, overwrite=overwrite, progress=progress, flush_seconds=flush_seconds)
     if out is not None:
@@ -930,12 +949,14 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
             True/False/None for automatic; ``stack_points``: also an int); the values agree up to
             floating-point rounding either way. ``attrs["speedups"]`` says what was used.
         progress: called as ``progress(points_done, points_total)`` after each written block.
-        flush_seconds: finished points are written at least this often (0: after every point).
+        flush_seconds: finished points are written at least this often (0: after every block of
+            stacked points; the first block is always written at once).
 
     Divergent points are stored as they come (inf or NaN), never imputed.
     """
     objectives = _label_splits(objective, test_objective)
     coordinates = [_axis(x, "x")] + ([] if y is None else [_axis(y, "y")])
+    _grid_room(out, objectives, coordinates, SurfaceResult.group)
     if orthogonal and y is None:
         raise LandscapeError("an orthogonal pair needs two directions; give y coordinates or drop orthogonal")
     target, target_info = (target_state(x_target, objective.params) if x_target is not None else (None, None))
@@ -969,6 +990,7 @@ def interpolate(objective: Objective, target: Any, alphas: Any = DEFAULT_ALPHAS,
     """
     objectives = _label_splits(objective, test_objective)
     coordinates = [_axis(alphas, "alphas")]
+    _grid_room(out, objectives, coordinates, InterpolationResult.group)
     floating = {n: b for n, b in objective.buffers.items() if b.is_floating_point()}
     state, info = target_state(target, {**objective.params, **(floating if move_buffers else {})})
     direction = difference({n: state[n] for n in objective.params}, objective.params)
