@@ -237,7 +237,7 @@ def test_cli_writes_the_group_prints_the_table_and_plots(tmp_path):
     assert result.attrs["config"]["m"] == 32 and result.attrs["eval_set"]["n"] == 64
     from landscape.analysis.sharpness import SharpnessResult
     assert SharpnessResult.load(out).summary() in run.output
-    lines = run.output.splitlines()
+    lines = run.stdout.splitlines()  # the time estimate goes to stderr
     assert lines[-1] == f"wrote {out} /sharpness" and lines[-3].split()[:3] == ["0.01", f"{result['worst'][0]:.6g}",
                                                                               f"{result['average'][0]:.6g}"]
     again = invoke(*run_args, "--resume")

@@ -259,7 +259,8 @@ def sharpness(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, kin
                              overwrite=overwrite) if out is not None else None)
     memory = {name: np.full(unit_shape + trailing, np.nan) for name, trailing in datasets.items()} if sink is None else {}
     try:
-        pending = sink.pending() if sink is not None else list(np.ndindex(unit_shape))
+        pending = [np.unravel_index(i, unit_shape) for i in np.flatnonzero(~sink.done)] if sink is not None \
+            else list(np.ndindex(unit_shape))
         total = len(bounds) * len(rhos)
         if progress is not None:
             progress(total - len(pending), total)
@@ -276,7 +277,7 @@ def sharpness(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, kin
             if average:
                 values.update(_average_unit(part[2], rho, draws))
             if sink is not None:
-                sink.write((b, i), values)
+                sink.write(int(np.ravel_multi_index((b, i), unit_shape)), {n: np.asarray(v)[None] for n, v in values.items()})
             else:
                 for name, value in values.items():
                     memory[name][b, i] = value
