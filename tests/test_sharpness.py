@@ -241,7 +241,7 @@ def test_cli_writes_the_group_prints_the_table_and_plots(tmp_path):
     assert lines[-1] == f"wrote {out} /sharpness" and lines[-3].split()[:3] == ["0.01", f"{result['worst'][0]:.6g}",
                                                                               f"{result['average'][0]:.6g}"]
     again = invoke(*run_args, "--resume")
-    assert again.exit_code == 0 and again.output == run.output, again.output
+    assert again.exit_code == 0 and again.stdout == run.stdout, again.output
     for extra, message in ((["--resume", "--draws", 4], "options differ"), ([], "already holds /sharpness")):
         refused = invoke(*run_args, *extra)
         assert refused.exit_code == 2 and message in refused.output, refused.output
