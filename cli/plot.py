@@ -10,7 +10,8 @@ import click
 @click.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--group", "groups", multiple=True, metavar="NAME",
-              help="Only these groups (hessian, surface, interpolation, radius, cosine, ratio). Repeatable.")
+              help="Only these groups (hessian, ggn, fisher, hessian_batches, ggn_batches, fisher_batches, surface, "
+                   "interpolation, radius, cosine, ratio). Repeatable.")
 @click.option("--out-dir", default=None, type=click.Path(file_okay=False),
               help="Where figures go (default: next to the results file).")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
@@ -29,7 +30,7 @@ def plot(results: tuple[str, ...], groups: tuple[str, ...], out_dir: str | None,
       landscape plot runs/sgd.h5 runs/sam.h5 --labels SGD,SAM --group surface --format pdf
     Python: landscape.plot_file("runs/sgd.h5")
     """
-    from landscape.plotting import plot_compare, plot_file, use_file_backend
+    from landscape.plotting import MODULES, plot_compare, plot_file, use_file_backend
     from landscape.store import list_groups
 
     use_file_backend()
@@ -39,7 +40,7 @@ def plot(results: tuple[str, ...], groups: tuple[str, ...], out_dir: str | None,
         written = plot_file(results[0], out_dir, list(groups) or None, fmt, **options)
     else:
         shared = set.intersection(*(set(list_groups(p)) for p in results))
-        wanted = list(groups) or sorted(shared & {"hessian", "surface", "interpolation", "radius", "cosine", "ratio"})
+        wanted = list(groups) or sorted(shared & set(MODULES))
         missing = [g for g in wanted if g not in shared]
         if missing or not wanted:
             raise click.UsageError(f"not every file holds /{missing[0] if missing else 'a plottable group'}; "
