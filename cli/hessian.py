@@ -1,10 +1,12 @@
-"""``landscape hessian``: top-k eigenvalues, spectral density (SLQ) and trace of a checkpoint's Hessian."""
+"""``landscape hessian``: top-k eigenvalues, spectral density (SLQ) and trace of a checkpoint's Hessian (or
+its GGN or empirical Fisher), or the spread of λ1 over mini-batches."""
 
 from __future__ import annotations
 
 import warnings
 
 import click
+from click.core import ParameterSource
 
 from landscape.cli.common import (already_done, arch_options, data_option, device_option, eval_options,
                                   objective_from_options, out_option, overwrite_options, progress, seed_option)
@@ -31,6 +33,16 @@ from landscape.cli.common import (already_done, arch_options, data_option, devic
               help="HVP cap per eigenvalue run (unconverged pairs are flagged).")
 @click.option("--backend", default="landscape", show_default=True, type=click.Choice(["landscape", "pyhessian"]),
               help="pyhessian: eigenvalues and trace by PyHessian 0.1 (for comparison with papers).")
+@click.option("--curvature", default="hessian", show_default=True, type=click.Choice(["hessian", "ggn", "fisher"]),
+              help="The matrix: the Hessian; ggn, the generalised Gauss-Newton (1/N) Σ J_iᵀ H_L J_i (positive "
+                   "semi-definite for cross-entropy); fisher, the EMPIRICAL Fisher (1/N) Σ g_i g_iᵀ of per-example "
+                   "gradients at the true labels, which is NOT the Fisher (for cross-entropy the Fisher is the GGN) "
+                   "and needs --bn eval. Saved as /hessian, /ggn or /fisher.")
+@click.option("--per-batch", default=None, type=click.IntRange(min=1), metavar="B",
+              help="Instead of the spectrum: λ1 on each of --batches disjoint, seeded mini-batches of B examples of "
+                   "the evaluation set, with mean, std, stderr and histogram. Saved as /<curvature>_batches.")
+@click.option("--batches", default=None, type=click.IntRange(min=2), metavar="N",
+              help="Mini-batches for --per-batch.  [default: 8]")
 @data_option
 @eval_options()
 @arch_options
@@ -40,9 +52,11 @@ from landscape.cli.common import (already_done, arch_options, data_option, devic
 @overwrite_options
 def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, density: bool, trace: bool,
             params: str | None, per_block: bool, n_v: int, lanczos_steps: int, tol: float | None, trace_hvps: int,
-            max_hvps: int, backend: str, out: str, overwrite: bool, resume: bool, seed: int, **options) -> None:
+            max_hvps: int, backend: str, curvature: str, per_batch: int | None, batches: int | None, out: str,
+            overwrite: bool, resume: bool, seed: int, **options) -> None:
     """Hessian spectrum of CHECKPOINT's loss on its evaluation set: λ1…λk with residuals,
-    λ1/λ5, SLQ density, trace ± standard error. Saved as /hessian in --out.
+    λ1/λ5, SLQ density, trace ± standard error. Saved as /hessian in --out (/ggn, /fisher with
+    --curvature). With --per-batch: λ1 on mini-batches, saved as /hessian_batches (/ggn_batches, ...).
 
     \b
     Examples:
@@ -50,30 +64,56 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
       landscape hessian runs/sgd.pt --top-k 10 --bottom-k 2 --dtype float64 --subset 512
       landscape hessian runs/sgd.pt --per-block --top-k 1
       landscape hessian runs/sgd.pt --backend pyhessian --trace
+      landscape hessian runs/sgd.pt --curvature ggn --top-k 5 --trace --subset 512
+      landscape hessian runs/sgd.pt --per-batch 128 --batches 8
     Python: landscape.hessian_spectrum(landscape.load_objective("runs/sam.pt", subset=512),
             top_k=5, density=True, trace=True).save("runs/sam.h5")
+            landscape.minibatch_lambda1(landscape.load_objective("runs/sgd.pt"), 128, 8).save("runs/sgd.h5")
     """
-    from landscape.analysis.hessian import HessianResult, hessian_spectrum
+    from landscape.analysis.hessian import BatchSpreadResult, HessianResult, hessian_spectrum, minibatch_lambda1
 
+    _check_per_batch(per_batch, batches, top_k, bottom_k, eigenvectors, density, trace, per_block, backend)
+    kind, group = (BatchSpreadResult, f"{curvature}_batches") if per_batch else (HessianResult, curvature)
     objective = objective_from_options(checkpoint, seed=seed, **options)
     asked = {"top_k": top_k, "bottom_k": bottom_k, "eigenvectors": eigenvectors, "density": density, "trace": trace,
              "params": params, "per_block": per_block, "n_v": n_v, "lanczos_steps": lanczos_steps,
              "trace_hvps": trace_hvps, "max_hvps": max_hvps, "backend": backend, "bn": options["bn"],
-             "dtype": options["dtype"], "batch_size": options["batch_size"]}
+             "dtype": options["dtype"], "batch_size": options["batch_size"], "curvature": curvature,
+             "per_batch": per_batch, "batches": batches}
     if tol is not None:  # (the default depends on the backend)
         asked["tol"] = tol
-    if already_done(out, HessianResult.group, overwrite, resume, objective, seed, asked):
-        click.echo(HessianResult.load(out).summary())
+    if already_done(out, group, overwrite, resume, objective, seed, asked):
+        click.echo(kind.load(out, group).summary())
         return
-    with progress(None, "Hessian", "HVP") as bar, warnings.catch_warnings(record=True) as caught:
+    with progress(None, curvature, "product") as bar, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
-        result = hessian_spectrum(objective, top_k, bottom_k=bottom_k, eigenvectors=eigenvectors, density=density,
-                                  trace=trace, n_v=n_v, lanczos_steps=lanczos_steps, tol=tol, params=params,
-                                  per_block=per_block, backend=backend, seed=seed, progress=bar.update,
-                                  trace_hvps=trace_hvps, max_hvps=max_hvps)
+        if per_batch:
+            result = minibatch_lambda1(objective, per_batch, batches or 8, curvature=curvature, tol=tol, params=params,
+                                       max_hvps=max_hvps, seed=seed, progress=bar.update)
+        else:
+            result = hessian_spectrum(objective, top_k, bottom_k=bottom_k, eigenvectors=eigenvectors, density=density,
+                                      trace=trace, n_v=n_v, lanczos_steps=lanczos_steps, tol=tol, params=params,
+                                      per_block=per_block, backend=backend, seed=seed, progress=bar.update,
+                                      trace_hvps=trace_hvps, max_hvps=max_hvps, curvature=curvature)
     result.save(out, overwrite=overwrite)
     click.echo(result.summary())
     for warning in caught:
         if issubclass(warning.category, RuntimeWarning):
             click.echo(f"warning: {warning.message}", err=True)
-    click.echo(f"saved /hessian in {out}")
+    click.echo(f"saved /{group} in {out}")
+
+
+def _check_per_batch(per_batch: int | None, batches: int | None, top_k: int, bottom_k: int, eigenvectors: bool,
+                     density: bool, trace: bool, per_block: bool, backend: str) -> None:
+    """--batches needs --per-batch, which measures λ1 only: refuse the spectrum's options next to it."""
+    if per_batch is None:
+        if batches is not None:
+            raise click.UsageError("--batches needs --per-batch B (examples per mini-batch)")
+        return
+    explicit_top_k = click.get_current_context().get_parameter_source("top_k") is ParameterSource.COMMANDLINE
+    given = [name for name, on in (("--top-k", explicit_top_k and top_k != 1), ("--bottom-k", bottom_k),
+                                   ("--eigenvectors", eigenvectors), ("--density", density), ("--trace", trace),
+                                   ("--per-block", per_block), ("--backend pyhessian", backend != "landscape")) if on]
+    if given:
+        raise click.UsageError(f"--per-batch measures λ1 per mini-batch only; drop {given[0]} (run the spectrum "
+                               "in a separate call)")

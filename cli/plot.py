@@ -10,7 +10,8 @@ import click
 @click.command()
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--group", "groups", multiple=True, metavar="NAME",
-              help="Only these groups (hessian, surface, interpolation, radius, cosine, ratio). Repeatable.")
+              help="Only these groups (hessian, ggn, fisher, hessian_batches, ggn_batches, fisher_batches, surface, "
+                   "interpolation, radius, cosine, ratio). Repeatable.")
 @click.option("--out-dir", default=None, type=click.Path(file_okay=False),
               help="Where figures go (default: next to the results file).")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))
@@ -39,7 +40,7 @@ def plot(results: tuple[str, ...], groups: tuple[str, ...], out_dir: str | None,
     Python: landscape.plot_file("runs/sgd.h5"); landscape.plotting.plot_html("runs/sam.h5")
     """
     from landscape.errors import LandscapeError
-    from landscape.plotting import interactive_module, plot_compare, plot_file, plot_html, use_file_backend
+    from landscape.plotting import MODULES, interactive_module, plot_compare, plot_file, plot_html, use_file_backend
     from landscape.store import list_groups
 
     options = {"log_loss": True} if log_loss else {}
@@ -57,7 +58,7 @@ def plot(results: tuple[str, ...], groups: tuple[str, ...], out_dir: str | None,
         written = plot_file(results[0], out_dir, list(groups) or None, fmt, **options)
     else:
         shared = set.intersection(*(set(list_groups(p)) for p in results))
-        wanted = list(groups) or sorted(shared & {"hessian", "surface", "interpolation", "radius", "cosine", "ratio"})
+        wanted = list(groups) or sorted(shared & set(MODULES))
         missing = [g for g in wanted if g not in shared]
         if missing or not wanted:
             raise click.UsageError(f"not every file holds /{missing[0] if missing else 'a plottable group'}; "

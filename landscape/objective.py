@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad
+from torch.func import functional_call, grad, vmap
 
 from landscape.errors import LandscapeError
 from landscape.params import select
@@ -129,6 +129,22 @@ def check_fits(forward: Callable[[Tensor], Any], inputs: Tensor, targets: Tensor
     if labels.numel() and (int(labels.max()) >= classes or int(labels.min()) < 0):
         raise LandscapeError(f"labels of {data} go from {int(labels.min())} to {int(labels.max())} but {model} has "
                              f"{classes} outputs (classes 0..{classes - 1}); {fix}")
+
+
+def per_example_gradients(loss: Callable[[Mapping[str, Tensor], Tensor, Tensor], Tensor],
+                          params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor,
+                          chunk: int) -> Iterator[dict[str, Tensor]]:
+    """The gradient in ``params`` of ``loss(params, x_i[None], y_i[None])`` for every example ``i``, by
+    ``torch.func.vmap`` over ``grad``: ``{name: (rows, *shape)}`` for each run of ``chunk`` examples, in order.
+
+    ``loss`` sees each example as a batch of one, so a BatchNorm in it must use running statistics.
+    """
+    def example_loss(p: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return loss(p, x.unsqueeze(0), y.unsqueeze(0))
+
+    gradients = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")
+    for x, y in zip(inputs.split(chunk), targets.split(chunk)):
+        yield gradients(params, x, y)
 
 
 class Objective:
@@ -274,10 +290,33 @@ class Objective:
                 total[name].add_(g, alpha=weight)
         return total
 
-    def derive(self, *, params: str | Sequence[str] | None = None, bn: str | None = None) -> Objective:
-        """The same objective (sharing weights, buffers and evaluation set) over the parameters matching
-        ``params`` (globs; the others held fixed at their values) and/or with BatchNorm mode ``bn``."""
+    def example_gradients(self, chunk: int) -> Iterator[Tensor]:
+        """Each example's loss gradient (at its own label), flat in parameter order: ``(rows, d)`` for each
+        run of at most ``chunk`` examples, in evaluation-set order. Refused under ``bn="train"`` with
+        BatchNorm, which would normalise each example by itself."""
+        if self.bn == "train" and has_batchnorm(self.model):
+            raise LandscapeError("per-example gradients (the empirical Fisher) need BatchNorm on running "
+                                 "statistics; use --bn eval (bn='eval')")
+        return (torch.cat([g.reshape(len(g), -1) for g in grads.values()], dim=1)
+                for x, y, _ in self.batches()
+                for grads in per_example_gradients(self.batch_loss, self.params, x, y, chunk))
+
+    def derive(self, *, params: str | Sequence[str] | None = None, bn: str | None = None,
+               examples: Sequence[int] | np.ndarray | Tensor | None = None) -> Objective:
+        """The same objective (sharing weights and buffers) over the parameters matching ``params`` (globs;
+        the others held fixed at their values), with BatchNorm mode ``bn``, and/or over the evaluation-set
+        rows ``examples`` (indices ``(n,)``, in that order; recorded by count and digest)."""
         derived = copy.copy(self)
+        if examples is not None:
+            index = np.asarray(examples)
+            n = self.num_examples
+            if index.ndim != 1 or not len(index) or not np.issubdtype(index.dtype, np.integer) \
+                    or index.min() < 0 or index.max() >= n:
+                raise LandscapeError(f"examples must be a non-empty 1-D array of integer indices in [0, {n}), got "
+                                     f"{index.dtype} of shape {index.shape}")
+            rows = torch.as_tensor(index, device=self.device)
+            derived.inputs, derived.targets = self.inputs[rows], self.targets[rows]
+            derived.source = {**self.source, "examples": {"n": len(index), "indices_sha256": indices_digest(index)}}
         if bn is not None:
             if bn not in BN_MODES:
                 raise LandscapeError(f"unknown bn {bn!r}; use train (batch statistics) or eval (running statistics)")
@@ -286,7 +325,7 @@ class Objective:
             names = select(list(self.params), params)
             derived.params = {n: self.params[n] for n in names}
             derived.frozen = {**self.frozen, **{n: t for n, t in self.params.items() if n not in names}}
-            derived.source = {**self.source, "params": ",".join(names)}
+            derived.source = {**derived.source, "params": ",".join(names)}
         return derived
 
     def provenance(self) -> dict[str, Any]:

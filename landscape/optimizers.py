@@ -37,9 +37,9 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call
 
-from landscape.objective import batchnorm_mode
+from landscape.objective import batchnorm_mode, per_example_gradients
 from landscape.params import (filter_norms, filter_square_sums, flat_cat, global_norm, is_filtered, per_entry,
                               per_filter, split_like)
 
@@ -265,7 +265,8 @@ def empirical_fisher(model: nn.Module, params: Mapping[str, Tensor], inputs: Ten
                      chunk_size: int = 64) -> dict[str, Tensor]:
     """Diagonal empirical Fisher (1/N) sum_i (d/dw log p_w(y_i | x_i))^2 over N examples.
 
-    Per-sample gradients of the cross-entropy come from ``torch.func.vmap`` over ``grad`` with
+    Per-sample gradients of the cross-entropy come from
+    :func:`~landscape.objective.per_example_gradients` (``torch.func.vmap`` over ``grad``) with
     BatchNorm in eval mode (running statistics; no buffer changes), ``chunk_size`` examples at a
     time. ``params`` maps model parameter names to the weights to evaluate at (others are held
     at the model's values). Returns tensors shaped like ``params``; the model is not changed.
@@ -275,15 +276,12 @@ def empirical_fisher(model: nn.Module, params: Mapping[str, Tensor], inputs: Ten
     fixed = {name: p.detach() for name, p in model.named_parameters() if name not in weights}
     buffers = dict(model.named_buffers())
 
-    def sample_loss(trainable: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        logits = functional_call(model, ({**fixed, **trainable}, buffers), (x.unsqueeze(0),))
-        return F.cross_entropy(logits, y.unsqueeze(0))
+    def loss(trainable: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, ({**fixed, **trainable}, buffers), (x,)), y)
 
-    per_sample = vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
     total = {name: torch.zeros_like(t) for name, t in weights.items()}
     with batchnorm_mode(model, "eval"):
-        for x, y in zip(inputs.split(chunk_size), targets.split(chunk_size)):
-            grads = per_sample(weights, x, y)
+        for grads in per_example_gradients(loss, weights, inputs, targets, chunk_size):
             for name in total:
                 total[name] += grads[name].square().sum(0)
     return {name: t / inputs.shape[0] for name, t in total.items()}

@@ -53,3 +53,23 @@ def test_cuda_hessian_operator_vmaps_blocks_and_counts_each_vector_once():
     assert operator.graphs and passes == [4, 2, 1] and operator.products == 7
     assert_near(got.cpu(), exact @ block, 1e-10, 1e-12, "vmapped block on CUDA")
     assert_near(single.cpu(), exact @ block[:, 0], 1e-10, 1e-12, "cached single vector on CUDA")
+
+
+def test_cuda_ggn_vmaps_blocks_and_fisher_keeps_gradients_on_the_gpu(data):
+    from test_curvature import assert_close as assert_near
+    from test_ggn_fisher import dense_fisher, dense_ggn
+    from test_hessian import make_model
+
+    from landscape.curvature.fisher import EmpiricalFisherOperator
+    from landscape.curvature.ggn import GGNOperator
+
+    x, y = data[0][:40], data[1][:40]
+    model = make_model("cnn-bn-eval")
+    objective = Objective(model, x, y, batch_size=16, device="cuda")
+    rows = torch.randn(6, objective.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ggn, fisher = GGNOperator(objective), EmpiricalFisherOperator(objective)
+    assert ggn.vectorize and fisher.cached
+    for operator, dense in ((ggn, dense_ggn(model, x, y, "eval", 16)), (fisher, dense_fisher(model, x, y))):
+        assert_near(operator.apply(rows.cuda()).cpu(), rows @ dense, 1e-10, 1e-12 * float(dense.abs().max()),
+                    f"{type(operator).__name__} on CUDA")
+    assert fisher.gradients.device.type == "cuda"

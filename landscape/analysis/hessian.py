@@ -1,11 +1,14 @@
-"""Hessian spectrum of an :class:`~landscape.objective.Objective`: the analysis and its result.
+"""Spectra of the Hessian, the Gauss-Newton matrix or the empirical Fisher of an
+:class:`~landscape.objective.Objective`: the analyses and their results.
 
-:func:`hessian_spectrum` builds a :class:`~landscape.curvature.hessian.HessianOperator` and runs
-the curvature solvers on it: extreme eigenvalues by thick-restart Lanczos, the spectral density
-by stochastic Lanczos quadrature, the trace by Hutch++ or Hutchinson (or, with
+:func:`hessian_spectrum` builds the curvature operator (``CURVATURES``) and runs the curvature
+solvers on it: extreme eigenvalues by thick-restart Lanczos, the spectral density by stochastic
+Lanczos quadrature, the trace by Hutch++ or Hutchinson (or, for the Hessian with
 ``backend="pyhessian"``, eigenvalues and trace from PyHessian 0.1), optionally on a parameter
 subset and per block of parameters (:func:`parameter_blocks`). :class:`HessianResult` holds what it
-finds and prints its summary.
+finds and prints its summary; it is stored as one group per curvature (``/hessian``, ``/ggn``,
+``/fisher``), so one file holds all three. :func:`minibatch_lambda1` measures how lambda1 spreads
+over disjoint mini-batches of the evaluation set (:class:`BatchSpreadResult`, ``/<curvature>_batches``).
 """
 
 from __future__ import annotations
@@ -21,8 +24,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape.curvature import NAMES
+from landscape.curvature.fisher import EmpiricalFisherOperator
+from landscape.curvature.ggn import GGNOperator
 from landscape.curvature.hessian import HessianOperator
 from landscape.curvature.lanczos import extreme_eigenpairs
+from landscape.curvature.operator import CurvatureOperator
 from landscape.curvature.pyhessian_backend import pyhessian_eigenpairs, pyhessian_trace
 from landscape.curvature.slq import broadened_density, slq
 from landscape.curvature.trace import hutchinson_trace, hutchpp_trace
@@ -31,6 +38,9 @@ from landscape.objective import Objective
 from landscape.results import Result
 from landscape.store import provenance
 
+CURVATURES: dict[str, type[CurvatureOperator]] = {
+    "hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}
+PRODUCTS = {"hessian": "HVPs", "ggn": "GGN products", "fisher": "Fisher products"}
 BACKENDS = ("landscape", "pyhessian")
 TRACE_METHODS = ("hutch++", "hutchinson")
 DEFAULT_TOL = {"landscape": 1e-4, "pyhessian": 1e-3}
@@ -60,14 +70,17 @@ def parameter_blocks(objective: Objective) -> dict[str, list[str]]:
 
 
 class HessianResult(Result):
-    """Eigenvalues (descending), optional eigenvectors, SLQ nodes/weights and density, trace; see ``summary()``."""
+    """Eigenvalues (descending), optional eigenvectors, SLQ nodes/weights and density, trace; see ``summary()``.
+    Its group is the curvature's name (``hessian``, ``ggn``, ``fisher``)."""
 
     group = "hessian"
 
     def summary(self) -> str:
-        """The summary the CLI prints: eigenvalues with residuals, lambda1/lambda5, trace, HVPs, time."""
+        """The summary the CLI prints: eigenvalues with residuals, lambda1/lambda5, trace, products, time."""
         a = self.attrs
-        lines = [f"{'':<12}{'eigenvalue':>14}{'residual':>11}  converged"]
+        curvature = a.get("curvature", "hessian")
+        lines = [f"{NAMES[curvature]} ({a['num_params']} parameters)",
+                 f"{'':<12}{'eigenvalue':>14}{'residual':>11}  converged"]
         for prefix, values, residuals, flags in (
                 ("λ", self.arrays.get("eigenvalues", []), a.get("residuals", []), a.get("converged", [])),
                 ("λmin", self.arrays.get("bottom_eigenvalues", []), a.get("bottom_residuals", []),
@@ -84,7 +97,7 @@ class HessianResult(Result):
         if "density" in self.arrays:
             lines.append(f"{'density':<12}{a['n_v']} runs x {a['lanczos_steps']} Lanczos steps, "
                          f"sigma {a['density_sigma']:.3g}")
-        lines.append(f"{'HVPs':<12}{a['hvp_count']:>14d}")
+        lines.append(f"{PRODUCTS[curvature]:<16}{a['hvp_count']:>10d}")
         lines.append(f"{'time':<12}{a['time_s']:>13.1f}s")
         return "\n".join(lines)
 
@@ -95,8 +108,10 @@ def hessian_spectrum(objective: Objective, top_k: int = 5, *, bottom_k: int = 0,
                      tol: float | None = None, params: str | Sequence[str] | None = None, per_block: bool = False,
                      backend: str = "landscape", seed: int = 0, progress: Callable[[int], Any] | None = None,
                      trace_hvps: int = 99, trace_method: str = "hutch++", max_hvps: int = 1000,
-                     density_sigma: float | None = None, hvp_batch: int = 4) -> HessianResult:
-    """Top/bottom eigenvalues, spectral density and trace of the Hessian of ``objective``.
+                     density_sigma: float | None = None, hvp_batch: int = 4,
+                     curvature: str = "hessian") -> HessianResult:
+    """Top/bottom eigenvalues, spectral density and trace of the Hessian of ``objective`` (or its GGN or
+    empirical Fisher). "HVPs" below are products with the chosen matrix.
 
     Args:
         objective: the loss over a fixed evaluation set; never modified.
@@ -115,6 +130,11 @@ def hessian_spectrum(objective: Objective, top_k: int = 5, *, bottom_k: int = 0,
         max_hvps: HVP cap per eigenvalue run; unconverged pairs are flagged and warned about.
         density_sigma: Gaussian width in eigenvalue units (default 1e-3 of the spectrum's width).
         hvp_batch: HVPs per data pass (memory grows with it).
+        curvature: ``hessian``; ``ggn``, the generalised Gauss-Newton matrix ``(1/N) sum J^T H_L J``
+            (:class:`~landscape.curvature.ggn.GGNOperator`); or ``fisher``, the EMPIRICAL Fisher
+            ``(1/N) sum g_i g_i^T`` of the per-example gradients at the true labels (not the Fisher;
+            :class:`~landscape.curvature.fisher.EmpiricalFisherOperator`, needs ``bn="eval"`` with BatchNorm).
+            The result's group is this name.
     """
     begin = time.perf_counter()
     tol = DEFAULT_TOL.get(backend, 0.0) if tol is None else float(tol)
@@ -122,15 +142,15 @@ def hessian_spectrum(objective: Objective, top_k: int = 5, *, bottom_k: int = 0,
               "trace": trace, "n_v": n_v, "lanczos_steps": lanczos_steps, "tol": tol, "params": params,
               "per_block": per_block, "backend": backend, "trace_hvps": trace_hvps, "trace_method": trace_method,
               "max_hvps": max_hvps, "density_sigma": density_sigma, "hvp_batch": hvp_batch,
-              "bn": objective.bn, "dtype": str(objective.dtype).replace("torch.", ""),
+              "curvature": curvature, "bn": objective.bn, "dtype": str(objective.dtype).replace("torch.", ""),
               "batch_size": objective.batch_size}
     if params is not None:
         objective = objective.derive(params=params)
     _validate(objective, config)
-    objective.require_finite("a Hessian spectrum")
-    operator = HessianOperator(objective, hvp_batch, progress)
+    objective.require_finite("a curvature spectrum")
+    operator = CURVATURES[curvature](objective, hvp_batch, progress)
     arrays: dict[str, Any] = {}
-    attrs: dict[str, Any] = {"backend": backend, "tol": tol, "num_params": operator.dim,
+    attrs: dict[str, Any] = {"curvature": curvature, "backend": backend, "tol": tol, "num_params": operator.dim,
                              "hvp_count_eigen": 0, "hvp_count_blocks": 0, "hvp_count_density": 0,
                              "hvp_count_trace": 0}
     if top_k or bottom_k:
@@ -174,24 +194,108 @@ def hessian_spectrum(objective: Objective, top_k: int = 5, *, bottom_k: int = 0,
                      hvp_count_trace=operator.products - counted)
     attrs.update(hvp_count=operator.products, time_s=time.perf_counter() - begin)
     attrs.update(provenance(config, objective.provenance(), seed, objective.device))
-    _warn_unconverged(attrs)
-    return HessianResult(arrays, attrs)
+    _warn_unconverged(attrs, NAMES[curvature])
+    return HessianResult(arrays, attrs, group=curvature)
 
 
-def _eigenpairs(operator: HessianOperator, top_k: int, bottom_k: int, tol: float, max_hvps: int, seed: int,
+class BatchSpreadResult(Result):
+    """lambda1 on disjoint mini-batches: ``batch_lambda1`` ``(batches,)`` with ``batch_residuals`` and
+    ``batch_converged``, ``batch_indices`` ``(batches, per_batch)`` (rows of the evaluation set),
+    ``histogram_counts``/``histogram_edges`` (numpy's Sturges bins), and the attrs ``mean``, ``std``
+    (sample standard deviation, ``ddof=1``) and ``stderr`` (``std / sqrt(batches)``); see ``summary()``.
+    Its group is ``<curvature>_batches``."""
+
+    group = "hessian_batches"
+
+    def summary(self) -> str:
+        """The summary the CLI prints: lambda1 per batch with residuals, mean, std, stderr, range, products, time."""
+        a, values = self.attrs, np.asarray(self.arrays["batch_lambda1"])
+        lines = [f"λ1 of the {NAMES[a['curvature']]} on {len(values)} mini-batches of {a['per_batch']} examples",
+                 f"{'':<12}{'λ1':>14}{'residual':>11}  converged"]
+        for i, (value, residual, flag) in enumerate(zip(values, self.arrays["batch_residuals"],
+                                                        self.arrays["batch_converged"]), start=1):
+            lines.append(f"{'batch ' + str(i):<12}{value:>14.6g}{residual:>11.2e}  {'yes' if flag else 'NO'}")
+        for name in ("mean", "std", "stderr"):
+            lines.append(f"{name:<12}{a[name]:>14.6g}")
+        lines.append(f"{'min, max':<12}{values.min():>14.6g}{values.max():>11.6g}  (max/min {a['max_over_min']:.3g})")
+        lines.append(f"{PRODUCTS[a['curvature']]:<16}{a['hvp_count']:>10d}")
+        lines.append(f"{'time':<12}{a['time_s']:>13.1f}s")
+        return "\n".join(lines)
+
+
+@full_float32()
+def minibatch_lambda1(objective: Objective, per_batch: int, batches: int = 8, *, curvature: str = "hessian",
+                      tol: float | None = None, params: str | Sequence[str] | None = None, max_hvps: int = 1000,
+                      hvp_batch: int = 4, seed: int = 0,
+                      progress: Callable[[int], Any] | None = None) -> BatchSpreadResult:
+    """lambda1 of the Hessian (or GGN, empirical Fisher: ``curvature``) of the loss on each of ``batches``
+    disjoint mini-batches of ``per_batch`` examples, with its mean, standard deviation, standard error and
+    histogram over the batches (how far a mini-batch lambda1 is from another: PyHessian issue 5).
+
+    The batches are the first ``batches * per_batch`` entries of a permutation of the evaluation set drawn
+    with ``seed``; each lambda1 is a Lanczos top-1 to ``tol`` (default 1e-4) on the objective restricted to
+    that batch (``Objective.derive(examples=...)``), at most ``max_hvps`` products. ``params`` restricts to
+    a parameter subset as in :func:`hessian_spectrum`.
+    """
+    begin = time.perf_counter()
+    tol = DEFAULT_TOL["landscape"] if tol is None else float(tol)
+    config = {"per_batch": per_batch, "batches": batches, "curvature": curvature, "tol": tol, "params": params,
+              "max_hvps": max_hvps, "hvp_batch": hvp_batch, "bn": objective.bn,
+              "dtype": str(objective.dtype).replace("torch.", ""), "batch_size": objective.batch_size}
+    n = objective.num_examples
+    _raise_first([
+        _known_curvature(curvature),
+        (per_batch >= 1 and batches >= 2, f"need per_batch >= 1 and batches >= 2 for a spread, got {per_batch} "
+                                          f"and {batches}"),
+        (per_batch * batches <= n, f"{batches} disjoint batches of {per_batch} need {per_batch * batches} examples; "
+                                   f"the evaluation set has {n}: lower --batches or --per-batch, or raise --subset"),
+        (0 < tol < 1, f"tol must be in (0, 1), got {tol}"),
+        (max_hvps >= 1 and hvp_batch >= 1, f"max_hvps and hvp_batch must be >= 1, got {max_hvps} and {hvp_batch}"),
+    ])
+    if params is not None:
+        objective = objective.derive(params=params)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:per_batch * batches].numpy()
+    indices = np.sort(order.reshape(batches, per_batch), axis=1)
+    values, residuals, converged, products = [], [], [], 0
+    for rows in indices:
+        operator = CURVATURES[curvature](objective.derive(examples=rows), hvp_batch, progress)
+        pairs = extreme_eigenpairs(operator, 1, 0, tol, max_hvps, seed)
+        values.append(pairs["top"][0])
+        residuals.append(pairs["top_residuals"][0])
+        converged.append(bool(pairs["top_converged"][0]))
+        products += operator.products
+    lambda1 = np.array(values)
+    counts, edges = np.histogram(lambda1, bins="sturges")
+    std = float(lambda1.std(ddof=1))
+    arrays = {"batch_lambda1": lambda1, "batch_residuals": np.array(residuals),
+              "batch_converged": np.array(converged), "batch_indices": indices,
+              "histogram_counts": counts, "histogram_edges": edges}
+    attrs: dict[str, Any] = {
+        "curvature": curvature, "per_batch": per_batch, "batches": batches, "tol": tol,
+        "num_params": objective.num_params,
+        "mean": float(lambda1.mean()), "std": std, "stderr": std / math.sqrt(batches),
+        "max_over_min": float(lambda1.max() / lambda1.min()) if lambda1.min() > 0 else math.nan,
+        "all_converged": all(converged),
+        "hvp_count": products, "time_s": time.perf_counter() - begin}
+    attrs.update(provenance(config, objective.provenance(), seed, objective.device))
+    _warn_unconverged(attrs, NAMES[curvature])
+    return BatchSpreadResult(arrays, attrs, group=f"{curvature}_batches")
+
+
+def _eigenpairs(operator: CurvatureOperator, top_k: int, bottom_k: int, tol: float, max_hvps: int, seed: int,
                 eigenvectors: bool, backend: str) -> dict[str, Any]:
     if backend == "pyhessian":
         return pyhessian_eigenpairs(operator, top_k, tol, seed, eigenvectors)
     return extreme_eigenpairs(operator, top_k, bottom_k, tol, max_hvps, seed, eigenvectors)
 
 
-def _blocks(objective: Objective, operator: HessianOperator, top_k: int, tol: float, max_hvps: int, seed: int,
+def _blocks(objective: Objective, operator: CurvatureOperator, top_k: int, tol: float, max_hvps: int, seed: int,
             backend: str, arrays: dict[str, Any], attrs: dict[str, Any]) -> None:
-    """``top_k`` eigenvalues of each block's sub-Hessian into ``block_eigenvalues`` ``(blocks, top_k)``."""
+    """``top_k`` eigenvalues of each block's sub-matrix into ``block_eigenvalues`` ``(blocks, top_k)``."""
     counted = operator.products
     names, sizes, values, converged = [], [], [], []
     for name, members in parameter_blocks(objective).items():
-        sub_operator = HessianOperator(objective.derive(params=members), operator.batch, operator.record)
+        sub_operator = type(operator)(objective.derive(params=members), operator.batch, operator.record)
         k = min(top_k, sub_operator.dim)
         pairs = _eigenpairs(sub_operator, k, 0, tol, max_hvps, seed, False, backend)
         names.append(name)
@@ -207,12 +311,15 @@ def _validate(objective: Objective, config: dict[str, Any]) -> None:
     top_k, bottom_k, backend = config["top_k"], config["bottom_k"], config["backend"]
     dim = objective.num_params
     checks = [
+        _known_curvature(config["curvature"]),
         (backend in BACKENDS, f"unknown backend {backend!r}; use {' or '.join(BACKENDS)}"),
+        (backend == "landscape" or config["curvature"] == "hessian",
+         f"the pyhessian backend computes the Hessian only; use backend='landscape' for {config['curvature']!r}"),
         (config["trace_method"] in TRACE_METHODS,
          f"unknown trace method {config['trace_method']!r}; use {' or '.join(TRACE_METHODS)}"),
         (top_k >= 0 and bottom_k >= 0, f"top_k and bottom_k must be >= 0, got {top_k} and {bottom_k}"),
         (top_k + bottom_k <= dim,
-         f"asked for {top_k + bottom_k} eigenvalues of a {dim}x{dim} Hessian; ask for at most {dim}"),
+         f"asked for {top_k + bottom_k} eigenvalues of a {dim}x{dim} matrix; ask for at most {dim}"),
         (bool(top_k or bottom_k or config["density"] or config["trace"]),
          "nothing to compute; ask for top_k/bottom_k eigenvalues, the density or the trace"),
         (0 < config["tol"] < 1, f"tol must be in (0, 1), got {config['tol']}"),
@@ -226,12 +333,21 @@ def _validate(objective: Objective, config: dict[str, Any]) -> None:
         (not (backend == "pyhessian" and bottom_k),
          "the pyhessian backend has no smallest eigenvalues; use backend='landscape' for bottom_k"),
     ]
+    _raise_first(checks)
+
+
+def _known_curvature(curvature: str) -> tuple[bool, str]:
+    return curvature in CURVATURES, f"unknown curvature {curvature!r}; use {', '.join(CURVATURES)}"
+
+
+def _raise_first(checks: Sequence[tuple[bool, str]]) -> None:
+    """Raise the message of the first failed check as a one-line :class:`LandscapeError`."""
     for ok, message in checks:
         if not ok:
             raise LandscapeError(message)
 
 
-def _warn_unconverged(attrs: dict[str, Any]) -> None:
+def _warn_unconverged(attrs: dict[str, Any], name: str) -> None:
     if not attrs["all_converged"] or not all(attrs.get("block_converged", [])):
-        warnings.warn(f"some Hessian eigenpairs did not reach tol={attrs['tol']:g} (see residuals/converged); "
+        warnings.warn(f"some {name} eigenpairs did not reach tol={attrs['tol']:g} (see residuals/converged); "
                       "raise max_hvps, use float64, or loosen tol", RuntimeWarning, stacklevel=3)

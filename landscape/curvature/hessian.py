@@ -4,10 +4,11 @@
 three ways of computing one and chooses among them per pass:
 
 - double backward through every batch's first-order graph, built at the first product that runs
-  sequentially and kept, when all of them fit in ``cache_bytes`` (default :func:`graph_cache_bytes`;
-  1.3-1.7x a forward+backward on CPU, against 1.6-3x for forward-over-reverse): one vector, and
-  every vector on the CPU (there a batched pass costs as much as its vectors one by one: cnn on 512
-  digits, 0.049 s per vector cached, 0.077 s batched, so batching does not pay);
+  sequentially and kept, when all of them fit in ``cache_bytes`` (default
+  :func:`~landscape.curvature.operator.cache_budget`; 1.3-1.7x a forward+backward on CPU, against
+  1.6-3x for forward-over-reverse): one vector, and every vector on the CPU (there a batched pass
+  costs as much as its vectors one by one: cnn on 512 digits, 0.049 s per vector cached, 0.077 s
+  batched, so batching does not pay);
 - forward-over-reverse (``torch.func.jvp`` of ``grad``, recomputed for every product): one vector
   when the graphs do not fit;
 - the same vmapped over a block: several vectors per data pass elsewhere (GPUs), and on the CPU
@@ -24,18 +25,8 @@ import torch
 from torch import Tensor
 from torch.func import grad, jvp, vmap
 
-from landscape.curvature.operator import CurvatureOperator
+from landscape.curvature.operator import CurvatureOperator, cache_budget
 from landscape.objective import Objective
-
-GRAPH_BYTES = 2 * 2**30      # CPU memory allowed for cached first-order graphs (on CUDA: a quarter of the free memory)
-
-
-def graph_cache_bytes(device: torch.device) -> int:
-    """Memory cached first-order graphs may take: ``GRAPH_BYTES`` on the CPU, a quarter of the free GPU memory."""
-    if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0] // 4
-    return GRAPH_BYTES
-
 
 class HessianOperator(CurvatureOperator):
     """The Hessian of ``objective``'s loss at its weights, over its parameters in order, ``d x d``.
@@ -51,7 +42,7 @@ class HessianOperator(CurvatureOperator):
         self.objective = objective
         self.shapes = {name: p.shape for name, p in objective.params.items()}
         self.sizes = [p.numel() for p in objective.params.values()]
-        self.cache_bytes = graph_cache_bytes(self.device) if cache_bytes is None else cache_bytes
+        self.cache_bytes = cache_budget(self.device) if cache_bytes is None else cache_bytes
         self.leaves = [p.detach().requires_grad_() for p in objective.params.values()]
         self.graphs: list[tuple[list[Tensor | None], float]] | None = None   # decided at the first sequential pass
         self.graph_bytes = 0

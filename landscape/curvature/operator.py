@@ -23,6 +23,16 @@ from landscape.errors import LandscapeError
 if TYPE_CHECKING:
     from scipy.sparse.linalg import LinearOperator
 
+CACHE_BYTES = 2 * 2**30      # CPU memory an operator may keep between products (on CUDA: a quarter of the free memory)
+
+
+def cache_budget(device: torch.device) -> int:
+    """Memory an operator may keep between products (cached graphs, per-example gradients): ``CACHE_BYTES``
+    on the CPU, a quarter of the free GPU memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 4
+    return CACHE_BYTES
+
 
 class CurvatureOperator:
     """A symmetric ``d x d`` matrix ``A`` known through its products.

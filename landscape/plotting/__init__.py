@@ -20,10 +20,11 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from landscape.curvature import NAMES as CURVATURES
 from landscape.errors import LandscapeError
 
 MODULES = {
-    "hessian": "landscape.plotting.hessian",
+    **{group: "landscape.plotting.hessian" for name in CURVATURES for group in (name, f"{name}_batches")},
     "surface": "landscape.plotting.surface",
     "interpolation": "landscape.plotting.surface",
     "radius": "landscape.plotting.surface",
