@@ -75,11 +75,14 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
     _check_per_batch(per_batch, batches, top_k, bottom_k, eigenvectors, density, trace, per_block, backend)
     kind, group = (BatchSpreadResult, f"{curvature}_batches") if per_batch else (HessianResult, curvature)
     objective = objective_from_options(checkpoint, seed=seed, **options)
-    asked = {"top_k": top_k, "bottom_k": bottom_k, "eigenvectors": eigenvectors, "density": density, "trace": trace,
-             "params": params, "per_block": per_block, "n_v": n_v, "lanczos_steps": lanczos_steps,
-             "trace_hvps": trace_hvps, "max_hvps": max_hvps, "backend": backend, "bn": options["bn"],
-             "dtype": options["dtype"], "batch_size": options["batch_size"], "curvature": curvature,
-             "per_batch": per_batch, "batches": batches}
+    asked = {"curvature": curvature, "params": params, "max_hvps": max_hvps, "bn": options["bn"],
+             "dtype": options["dtype"]}
+    if per_batch:
+        asked.update(per_batch=per_batch, batches=batches or 8)
+    else:
+        asked.update(top_k=top_k, bottom_k=bottom_k, eigenvectors=eigenvectors, density=density, trace=trace,
+                     per_block=per_block, n_v=n_v, lanczos_steps=lanczos_steps, trace_hvps=trace_hvps,
+                     backend=backend, batch_size=options["batch_size"])
     if tol is not None:  # (the default depends on the backend)
         asked["tol"] = tol
     if already_done(out, group, overwrite, resume, objective, seed, asked):

@@ -49,10 +49,13 @@ def _other_checkpoint(path: str, options: dict[str, Any]) -> Any:
     return load_checkpoint(path, arch=options["arch"], arch_kwargs=options["arch_kwargs"], trust=options["trust"])
 
 
+ESTIMATE_FROM_S = 5.0  # the time the rest will take is said when it is at least this long
+
+
 class _Bar:
     """Adapts a progress bar to the analyses' ``progress(done, total)`` callback, and after the first
     written block says on stderr how long the rest will take (``~40.2 h for 1,000,000 points at
-    0.14 s/point``), shown or not."""
+    0.14 s/point``), shown or not, unless that is under :data:`ESTIMATE_FROM_S`."""
 
     def __init__(self, desc: str, unit: str) -> None:
         self.bar = progress(None, desc, unit)
@@ -68,7 +71,8 @@ class _Bar:
             self.start = (now, done)
         elif not self.estimated and self.start[1] < done < total:
             per_point = (now - self.start[0]) / (done - self.start[1])
-            tqdm.write(f"remaining: {estimate(total - done, per_point)}", file=sys.stderr)
+            if per_point * (total - done) >= ESTIMATE_FROM_S:
+                tqdm.write(f"remaining: {estimate(total - done, per_point)}", file=sys.stderr)
             self.estimated = True
         self.bar.total = total
         self.bar.n = done

@@ -120,14 +120,14 @@ def invoke(*args):
 
 def test_cli_prints_the_summary_saves_and_plots(checkpoint, tmp_path):
     out = tmp_path / "s.h5"
-    result = invoke(checkpoint, "--per-batch", 8, "--batches", 3, "--curvature", "ggn", "--subset", 40,
-                    "--dtype", "float64", "--out", out)
+    options = ("--per-batch", 8, "--batches", 3, "--curvature", "ggn", "--subset", 40, "--dtype", "float64")
+    result = invoke(checkpoint, *options, "--out", out)
     assert result.exit_code == 0, result.output
     stored = BatchSpreadResult.load(out, "ggn_batches")
     assert stored.summary() in result.output and "saved /ggn_batches in" in result.output
     assert stored["batch_lambda1"].shape == (3,) and stored["batch_indices"].shape == (3, 8)
     assert stored["eval_set"]["n"] == 40
-    resumed = invoke(checkpoint, "--per-batch", 8, "--batches", 3, "--curvature", "ggn", "--out", out, "--resume")
+    resumed = invoke(checkpoint, *options, "--out", out, "--resume")  # the same options: reused
     assert resumed.exit_code == 0 and stored.summary() in resumed.output
     plotted = clitools.invoke("plot", out, "--out-dir", tmp_path)
     assert plotted.exit_code == 0 and (tmp_path / "s_ggn_batches.png").stat().st_size > 0
