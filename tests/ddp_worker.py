@@ -28,6 +28,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "sam": {"optimizer": "sam", "opt_args": {"rho": 0.5}, "cosine": False},
     "sam_global": {"optimizer": "sam", "opt_args": {"rho": 0.5, "ascent_scope": "global"}},
     "sam_group": {"optimizer": "sam", "opt_args": {"rho": 0.5, "ascent_scope": "group:2"}, "cosine": False},
+    "rsam_global": {"optimizer": "rsam", "opt_args": {"gamma": 0.05, "ascent_scope": "global"}},
+    "ssamf": {"optimizer": "ssamf", "opt_args": {"num_samples": 101}},
+    "ssamd": {"optimizer": "ssamd", "opt_args": {"refresh": 1}},
     "mrwp_parallel": {"optimizer": "mrwp", "opt_args": {"parallel": True, "sigma": 0.3}},
     "marwp_parallel": {"optimizer": "marwp", "opt_args": {"parallel": True, "sigma": 0.3}, "epochs": 2},
     "bn_sam": {"optimizer": "sam", "arch": "cnn", "arch_kwargs": {"width": 2}, "float64": False},
@@ -94,7 +97,8 @@ def train(optimizer: str, *, opt_args: dict[str, Any] | None = None, epochs: int
         landscape.train.build_model = build
     return {"state": {name: tensor.clone() for name, tensor in result.model.state_dict().items()},
             "history": result.history, "metrics": {k: v for k, v in result.metrics.items() if k != "seconds"},
-            "rows": rows, "calls": counter.calls, "steps": counter.steps}
+            "rows": rows, "calls": counter.calls, "steps": counter.steps,
+            "masks": result.optimizer.masks() if hasattr(result.optimizer, "masks") else None}
 
 
 def main(folder: str, names: list[str]) -> None:

@@ -21,7 +21,7 @@ from landscape.checkpoint import load_checkpoint
 from landscape.models import build_model
 from torchrun import WORKER, exit_codes, outputs, rank_logs, torchrun
 
-TWO = ("sgd", "sam", "sam_global", "mrwp_parallel", "marwp_parallel", "bn_sam", "bn_mrwp_parallel", "resume_start")
+TWO = ("sgd", "sam", "sam_global", "rsam_global", "ssamf", "ssamd", "mrwp_parallel", "marwp_parallel", "bn_sam", "bn_mrwp_parallel", "resume_start")
 FOUR = ("sgd", "sam", "sam_group", "resume_finish")
 
 
@@ -138,10 +138,24 @@ def test_group_sam_perturbs_each_group_of_ranks_by_the_gradient_of_its_rows(four
         assert_close(results[0]["state"], replay_sam(4), 1e-6)
 
 
-def test_global_sam_takes_the_single_process_step(two_ranks):
-    results = outputs(two_ranks, "sam_global", 2)
+@pytest.mark.parametrize("name", ["sam_global", "rsam_global"])
+def test_global_ascent_takes_the_single_process_step(name, two_ranks):
+    results = outputs(two_ranks, name, 2)
     assert_same_on_every_rank(results)
-    assert_close(results[0]["state"], single_process("sam_global")["state"], 1e-12)
+    assert_close(results[0]["state"], single_process(name)["state"], 1e-12)
+
+
+def test_ssam_masks_are_the_same_on_every_rank(two_ranks):
+    # SSAM-F: one mask, at the initial weights, from the Fisher of 101 examples split 51/50 and all-reduced
+    fisher = outputs(two_ranks, "ssamf", 2)
+    assert_same_on_every_rank(fisher)
+    reference = single_process("ssamf")["masks"]
+    for masks in (fisher[0]["masks"], fisher[1]["masks"]):
+        assert all(torch.equal(got, expected) for got, expected in zip(masks, reference))
+    # SSAM-D: a drop by |gradient| and a random regrowth at every step; each rank's ascent gradient is its own
+    dynamic = outputs(two_ranks, "ssamd", 2)
+    assert_same_on_every_rank(dynamic)
+    assert all(torch.equal(a, b) for a, b in zip(dynamic[0]["masks"], dynamic[1]["masks"]))
 
 
 @pytest.mark.parametrize("name", ["mrwp_parallel", "marwp_parallel"])
