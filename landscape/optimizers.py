@@ -22,6 +22,12 @@ Choices where the sources leave room, stated once:
 - SSAM's eps defaults to the reference code's rho g / ||g|| * mask (radius < rho); ``mask_norm``.
 - Weight decay is excluded from SAM's ascent gradient unless ``ascent_weight_decay=True``.
 - All noise comes from one flat ``randn`` per step (:func:`standard_normal`).
+
+Under torchrun (a data-parallel loop such as :func:`landscape.train.train_model`): the SAM family's
+ascent pass runs unsynchronised and ``ascent_scope`` (rank, global, group:K) says whose gradient a
+rank ascends by; m-RWP/m-ARWP's ``parallel=True`` computes the clean and the perturbed gradient on two
+halves of the ranks; SSAM masks are the same on every rank; the generator is seeded alike on every
+rank, so every rank draws the same noise. A :class:`Pass` tells the loop what each pass needs.
 """
 from __future__ import annotations
 
