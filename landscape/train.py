@@ -19,8 +19,8 @@ Data parallel (``torchrun --nproc-per-node W``, see :mod:`landscape.distributed`
 - BatchNorm normalises each rank's rows with their own batch statistics (as DDP does; Foret et al.'s
   SAM too). The running statistics are rank 0's, updated by its passes at w (``bn_stats="once"``;
   parallel m-RWP puts rank 0 at w), and broadcast to every rank before the evaluation, so every rank
-  ends with the same buffers. (DDP's own copy of rank 0's buffers before a synchronised forward
-  changes nothing: a training forward never reads them.) SyncBatchNorm is not used: per-rank SAM and parallel m-RWP run ranks at different
+  ends with the same buffers. A training forward never reads them, so DDP's broadcast of the buffers
+  before every synchronised forward is off. SyncBatchNorm is not used: per-rank SAM and parallel m-RWP run ranks at different
   weights, whose batch statistics must not mix, and it costs an all-reduce per layer.
 - Rank 0 shows progress and writes files; every rank holds the same weights and optimizer state. The
   optimizer's generator is seeded alike on every rank, so every rank draws the same noise (RWP on W
@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -301,9 +302,7 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     else:
         first_epoch, history, seconds_before = saved["epoch"], list(saved["history"]), saved["seconds"]
         _restore(saved, model, opt, schedule, order, callbacks, seed)
-    network = model
-    if distributed.active():  # every rank holds the same weights already; rank 0's BatchNorm buffers count
-        network = DistributedDataParallel(model, device_ids=[target.index] if target.type == "cuda" else None)
+    network = _data_parallel(model, target) if distributed.active() else model
     per_step = getattr(opt, "batches_per_step", 1)
     state = [*model.parameters(), *model.buffers()]
     floating = [t for t in state if t.is_floating_point()]
@@ -369,6 +368,14 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     if diverged is not None:
         raise LandscapeError(_divergence_message(diverged, steps_per_epoch, out))
     return TrainResult(model, opt, metrics, record, history)
+
+
+def _data_parallel(model: nn.Module, device: torch.device) -> DistributedDataParallel:
+    """``model`` under DDP without its buffer broadcast before synchronised forwards (one collective less a step:
+    training forwards never read the running statistics; rank 0's reach every rank at the end)."""
+    parameters = inspect.signature(DistributedDataParallel.__init__).parameters
+    buffers = {"forward_sync_buffers": False} if "forward_sync_buffers" in parameters else {"broadcast_buffers": False}
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None, **buffers)
 
 
 def _step_summary(loss: Tensor, share: float | None, tensors: list[Tensor]) -> tuple[Tensor, bool]:
