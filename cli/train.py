@@ -48,26 +48,40 @@ def parse_opt_args(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--lr", type=float, default=None, help="Learning rate [default: the optimizer's].")
 @click.option("--weight-decay", type=float, default=None, help="Weight decay [default: the optimizer's].")
 @click.option("--momentum", type=float, default=None, help="SGD momentum [default: the optimizer's].")
-@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True, help="Examples per batch.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Examples per step, over all ranks under torchrun (each rank takes its share).")
 @click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True,
               help="Epochs of ceil(N / batch-size) steps.")
 @click.option("--cosine/--no-cosine", default=True, show_default=True, help="Cosine LR decay to 0 over training.")
 @seed_option
 @device_option
 @out_option("model.pt", "Checkpoint to write.")
+@click.option("--resume", is_flag=True, default=False,
+              help="Continue the interrupted run whose training state is OUT.state (same options and data).")
+@click.option("--overwrite", is_flag=True, default=False, help="Discard an interrupted run's OUT.state and start over.")
 def train(data: str, arch: str, arch_kwargs: dict | None, optimizer: str, opt_args: tuple[str, ...],
           lr: float | None, weight_decay: float | None, momentum: float | None, batch_size: int, epochs: int,
-          cosine: bool, seed: int, device: str, out: str) -> None:
+          cosine: bool, seed: int, device: str, out: str, resume: bool, overwrite: bool) -> None:
     """Train a model with any registered optimizer and write a checkpoint.
 
     Prints the final train and test accuracy. m-RWP/m-ARWP use two batches per step.
     If the loss or the weights turn NaN/inf, training stops at that step, writes the weights from
     before it to --out (marked stopped_early in its metadata) and exits with code 2.
+    The training state goes to OUT.state at every epoch end; --resume continues from it (also on
+    another number of ranks); it is removed when the run ends.
+
+    Under torchrun the model trains data-parallel (DistributedDataParallel): --batch-size is the
+    global batch, each rank takes its contiguous share, rank 0 prints and writes. SAM-family
+    methods perturb each rank by its own gradient (--opt-args ascent_scope=rank, the default;
+    global or group:K otherwise); m-RWP/m-ARWP take --opt-args parallel=true to run their two
+    gradients on two halves of an even number of ranks.
 
     \b
     Examples:
       landscape train --data digits --arch cnn --optimizer sgd --epochs 5 --out runs/sgd.pt
       landscape train --optimizer sam --opt-args 'rho=0.1 base=adamw' --lr 3e-3 --out runs/sam.pt
+      torchrun --standalone --nproc-per-node 2 -m landscape train --optimizer mrwp --opt-args parallel=true
+      torchrun --standalone --nproc-per-node 4 -m landscape train --optimizer sam --out runs/sam.pt --resume
     Python: landscape.train_model("digits", "cnn", "sam", epochs=5, opt_args={"rho": 0.1}, out="runs/sam.pt")
     """
     from landscape.train import train_model
@@ -75,7 +89,7 @@ def train(data: str, arch: str, arch_kwargs: dict | None, optimizer: str, opt_ar
     result = train_model(data, arch, optimizer, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, momentum=momentum, opt_args=parse_opt_args(opt_args),
                          arch_kwargs=arch_kwargs, cosine=cosine, seed=seed, device=device, out=out,
-                         progress=progress)
+                         resume=resume, overwrite=overwrite, progress=progress)
     metrics = result.metrics
     test = f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "n/a (no test split)"
     click.echo(f"train accuracy {metrics['train_accuracy']:.4f}  test accuracy {test}  "
@@ -91,6 +105,10 @@ def optimizers(pattern: str | None) -> None:
     Perturbation methods also take base=sgd|adamw (the base optimizer that applies the update).
     Defaults follow the papers; a description names the authors' code's choice where it differs
     (e.g. the authors' m-RWP script: --opt-args sigma_schedule=constant).
+    Under torchrun: ascent_scope (SAM family) says whose gradient each rank ascends by: rank (its
+    own share's, m-sharpness with m = the per-rank batch; default), global (the whole batch's) or
+    group:K (its group of K ranks'); parallel=true (m-RWP, m-ARWP) runs the clean and the perturbed
+    gradient on two halves of an even number of ranks, one gradient of wall time per step.
 
     \b
     Examples:

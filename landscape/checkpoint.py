@@ -180,6 +180,12 @@ def save_checkpoint(path: str | os.PathLike, model: nn.Module, *, arch: str, arc
         "extra": _plain(extra or {}, "extra"),
         "state_dict": {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()},
     }
+    save_atomically(payload, path)
+
+
+def save_atomically(payload: object, path: str | os.PathLike) -> None:
+    """``torch.save(payload)`` to ``path`` through a temporary file in its folder, fsync and ``os.replace``:
+    a reader sees the old file or the new one, never a partial one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)

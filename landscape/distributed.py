@@ -77,10 +77,10 @@ def local_device() -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 
 
-def all_reduce_sum_(tensor: Tensor) -> Tensor:
-    """Sum ``tensor`` over all ranks, in place; returns it (unchanged in a single process)."""
+def all_reduce_sum_(tensor: Tensor, group: dist.ProcessGroup | None = None) -> Tensor:
+    """Sum ``tensor`` over all ranks (or those of ``group``), in place; returns it (unchanged in a single process)."""
     if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
@@ -93,6 +93,22 @@ def broadcast_object(value: Any, src: int = 0) -> Any:
     return box[0]
 
 
+def broadcast_(tensor: Tensor, src: int = 0) -> Tensor:
+    """Overwrite ``tensor`` with rank ``src``'s, in place; returns it (unchanged in a single process)."""
+    if active():
+        dist.broadcast(tensor, src=src)
+    return tensor
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """Every rank's ``value`` (picklable Python data), in rank order, on every rank; ``[value]`` in a single process."""
+    if not active():
+        return [value]
+    values: list[Any] = [None] * world_size()
+    dist.all_gather_object(values, value)
+    return values
+
+
 def barrier() -> None:
     if active():
         dist.barrier()
@@ -103,9 +119,13 @@ def store() -> dist.Store:
     return dist.distributed_c10d._get_default_store()
 
 
-def shard_range(count: int) -> tuple[int, int]:
-    """This rank's contiguous share ``[start, stop)`` of ``count`` items: sizes differ by at most one."""
-    size, rank_ = world_size(), rank()
+def shard_range(count: int, index: int | None = None, parts: int | None = None) -> tuple[int, int]:
+    """This rank's contiguous share ``[start, stop)`` of ``count`` items: sizes differ by at most one.
+
+    ``index``/``parts`` give the share of part ``index`` of ``parts`` instead (default: this rank of all ranks).
+    """
+    size = world_size() if parts is None else parts
+    rank_ = rank() if index is None else index
     base, extra = divmod(count, size)
     start = rank_ * base + min(rank_, extra)
     return start, start + base + (rank_ < extra)
@@ -115,7 +135,8 @@ def shard_range(count: int) -> tuple[int, int]:
 
 _EXIT_KEY = "landscape/exiting"
 EXIT_WAIT_S = 5.0
-_failing = threading.Event()  # set once this rank handles its own failure
+_failing = threading.Event()  # set once this rank handles a failure (its own or a posted one)
+_claim_lock = threading.Lock()
 _watchdog: list[threading.Thread] = []  # the one watchdog thread of this process, once started
 
 
@@ -129,7 +150,9 @@ def fail(message: str, code: int, echo: Callable[[str], Any]) -> None:
     if not active():
         echo(message)
         return
-    _failing.set()
+    if not _claim():  # the watchdog is already ending this rank with another rank's failure
+        while True:
+            time.sleep(WATCH_INTERVAL_S)
     if is_main():
         echo(message)
     try:
@@ -137,6 +160,15 @@ def fail(message: str, code: int, echo: Callable[[str], Any]) -> None:
     except Exception:  # noqa: BLE001 - the store may already be gone; the launcher ends the job then
         pass
     exit_together(code)
+
+
+def _claim() -> bool:
+    """True for the first caller only (this rank's own failure or its watchdog), which alone reports and exits."""
+    with _claim_lock:
+        if _failing.is_set():
+            return False
+        _failing.set()
+        return True
 
 
 def posted_failure() -> dict[str, Any] | None:
@@ -180,8 +212,7 @@ def fail_together(echo: Callable[[str], Any]) -> None:
     def watch() -> None:
         while not _failing.is_set():
             failure = posted_failure()
-            if failure is not None and not _failing.is_set():
-                _failing.set()
+            if failure is not None and _claim():
                 if is_main():
                     echo(failure["message"])
                 exit_together(failure["code"])

@@ -22,6 +22,12 @@ Choices where the sources leave room, stated once:
 - SSAM's eps defaults to the reference code's rho g / ||g|| * mask (radius < rho); ``mask_norm``.
 - Weight decay is excluded from SAM's ascent gradient unless ``ascent_weight_decay=True``.
 - All noise comes from one flat ``randn`` per step (:func:`standard_normal`).
+
+Under torchrun (a data-parallel loop such as :func:`landscape.train.train_model`): the SAM family's
+ascent pass runs unsynchronised and ``ascent_scope`` (rank, global, group:K) says whose gradient a
+rank ascends by; m-RWP/m-ARWP's ``parallel=True`` computes the clean and the perturbed gradient on two
+halves of the ranks; SSAM masks are the same on every rank; the generator is seeded alike on every
+rank, so every rank draws the same noise. A :class:`Pass` tells the loop what each pass needs.
 """
 from __future__ import annotations
 
@@ -30,15 +36,18 @@ import fnmatch
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from landscape import distributed
 from landscape.objective import batchnorm_mode, per_example_gradients
 from landscape.params import (filter_norms, filter_square_sums, flat_cat, global_norm, is_filtered, per_entry,
                               per_filter, split_like)
@@ -299,8 +308,14 @@ class Pass:
     - ``batch``: which batch to use: 0 = B1, 1 = B2. Only m-RWP/m-ARWP ask for 1 (the clean
       pass at w); a loop may serve the same batch for both.
     - ``chunk``, ``chunk_size``: SAM's m-sharpness; take the rows with :meth:`select`.
-    - ``sync``: False when this gradient is only used locally (SAM's ascent direction), so a
-      data-parallel loop may run the pass under ``DistributedDataParallel.no_sync()``.
+    - ``sync``: False when this gradient is only used locally or reduced by the optimizer itself
+      (SAM's ascent direction, parallel m-RWP), so a data-parallel loop must run the pass, forward
+      included, under ``DistributedDataParallel.no_sync()``. A synchronised pass's gradient must be the
+      mean over the whole global batch; an unsynchronised one the mean over this rank's rows.
+    - ``shard``: ``(index, parts)``: this rank takes part ``index`` of ``parts`` of the global batch
+      (parallel m-RWP splits the ranks in two halves, one per batch); None: its share among all ranks.
+    - ``share``: the fraction of the global batch this rank took, recorded by a data-parallel loop
+      (None: not recorded); the optimizer weighs its own reductions by it.
     """
 
     perturbed: bool = False
@@ -308,7 +323,9 @@ class Pass:
     chunk: int = 0
     chunk_size: int | None = None
     sync: bool = True
+    shard: tuple[int, int] | None = None
     batch_size: int | None = None     # rows in the full batch, recorded by select()
+    share: float | None = None
 
     def select(self, *tensors: Tensor) -> tuple[Tensor, ...]:
         """The rows of this pass's chunk (all rows without m-sharpness), for each tensor."""
@@ -347,6 +364,36 @@ def _takes_pass(closure: Closure) -> bool:
 @functools.lru_cache(maxsize=256)
 def _code_takes_argument(code) -> bool:
     return code.co_argcount > 0 or bool(code.co_flags & inspect.CO_VARARGS)
+
+
+def _reduce_sum(tensors: list[Tensor], group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """Sum of each tensor over the ranks (of ``group``): one all-reduce of one flat buffer."""
+    return split_like(distributed.all_reduce_sum_(flat_cat(tensors), group), tensors)
+
+
+def _weighted_mean(tensors: list[Tensor], weight: float, group: dist.ProcessGroup | None = None) -> list[Tensor]:
+    """sum_r weight_r tensors_r / sum_r weight_r over the ranks (of ``group``), in one all-reduce."""
+    *total, weights = _reduce_sum([*torch._foreach_mul(tensors, weight), tensors[0].new_full((), weight)], group)
+    return torch._foreach_div(total, weights)
+
+
+def _share(context: Pass, parts: int) -> float:
+    """The fraction of its global batch a pass took (recorded by the loop; else an equal share of ``parts``)."""
+    return context.share if context.share is not None else 1.0 / parts
+
+
+def _scope_size(scope: str) -> int:
+    """How many consecutive ranks share one ascent gradient under ``ascent_scope=scope``."""
+    world = distributed.world_size()
+    match = re.fullmatch(r"group:(\d+)", scope) if isinstance(scope, str) else None
+    if scope == "rank":
+        return 1
+    if scope == "global":
+        return world
+    if match is not None and int(match[1]) >= 1 and world % int(match[1]) == 0:
+        return int(match[1])
+    raise ValueError(f"invalid ascent_scope: {scope!r}; use rank (each rank's own gradient, the default), global, "
+                     f"or group:K with K dividing the number of ranks ({world})")
 
 
 class PerturbedOptimizer(torch.optim.Optimizer):
@@ -486,7 +533,36 @@ class PerturbedOptimizer(torch.optim.Optimizer):
         self.generator.set_state(generator)
 
 
-class SAM(PerturbedOptimizer):
+class _AscentMethod(PerturbedOptimizer):
+    """Base of the methods whose perturbation follows an ascent gradient (SAM, ASAM, SSAM, R-SAM).
+
+    Under torchrun the ascent pass runs without gradient synchronisation (``Pass(sync=False)``) and
+    ``ascent_scope`` says whose gradient each rank perturbs by: ``"rank"`` (default) its own, the
+    mean over its share of the batch (m-sharpness with m = the per-rank batch, as Foret et al.);
+    ``"global"`` the mean over the global batch (the single-process step); ``"group:K"`` the mean
+    over its group of K consecutive ranks. The reduction is one all-reduce of the gradient, weighted by
+    each rank's share of the batch. The second pass is synchronised as usual. In a single process
+    every scope is the same (``group:K`` needs K = 1).
+    """
+
+    def __init__(self, params, base: str | type[torch.optim.Optimizer] = "sgd", *, ascent_scope: str = "rank",
+                 **kwargs):
+        size = _scope_size(ascent_scope)
+        super().__init__(params, base, **kwargs)
+        self.ascent_scope, self._scope_ranks = ascent_scope, size
+        self._scope_group = dist.new_subgroups(size)[0] if 1 < size < distributed.world_size() else None
+
+    def _ascent_gradient(self, closure: Closure, context: Pass, params: list[Tensor],
+                         update_bn: bool | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Run the (unsynchronised) ascent pass ``context``: its loss and unscaled gradient, averaged over the scope."""
+        loss = self._run(closure, context, update_bn)
+        grads = self._unscale(self._take_grads(params))
+        if self._scope_ranks > 1:
+            grads = _weighted_mean(grads, _share(context, distributed.world_size()), self._scope_group)
+        return loss, grads
+
+
+class SAM(_AscentMethod):
     """SAM (Foret et al.) with p-norm ascent, ASAM (``adaptive``, Kwon et al.) and m-sharpness.
 
     Each step: gradient at w, eps = :func:`sam_perturbation`, gradient at w + eps, restore w,
@@ -506,6 +582,10 @@ class SAM(PerturbedOptimizer):
         _check_number("p", p, 1.0, math.inf, hint=" (p = 2 is the paper's; inf allowed)")
         if m is not None:
             _check_count("m", m, "examples per chunk, or None")
+            if distributed.world_size() > 1:
+                raise ValueError(f"m={m} (m-sharpness) is for a single process; under torchrun each rank already "
+                                 "perturbs by the gradient of its own share of the batch (ascent_scope=rank): "
+                                 "set m through --batch-size / --nproc-per-node instead")
         super().__init__(params, base, **kwargs)
         self.rho, self.p, self.adaptive, self.eta, self.m = rho, p, adaptive, eta, m
         self.ascent_weight_decay = ascent_weight_decay
@@ -519,8 +599,8 @@ class SAM(PerturbedOptimizer):
 
     def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
         if self.m is None:
-            loss = self._run(closure, Pass(sync=False))
-            self._perturb(params, self._ascent(params, self._unscale(self._take_grads(params))))
+            loss, grads = self._ascent_gradient(closure, Pass(sync=False), params)
+            self._perturb(params, self._ascent(params, grads))
             self._run(closure, Pass(perturbed=True))
             self._restore(params)
             return loss
@@ -590,7 +670,9 @@ class SSAMF(_SparseSAM):
     Every ``refresh`` steps (from step 0) the Fisher is computed by :func:`empirical_fisher` at w
     over ``num_samples`` examples drawn without replacement from ``fisher_data = (x, y)`` with the
     optimizer's generator (per-sample gradients via vmap, BatchNorm in eval mode). ``model`` is
-    required and must own the parameters. Closure calls per step: 2.
+    required and must own the parameters. Closure calls per step: 2. Under torchrun every rank draws
+    the same sample, computes the Fisher over its contiguous share of it, and the sums are all-reduced:
+    every rank holds the same mask.
     """
 
     def __init__(self, params, base="sgd", *, model: nn.Module | None = None,
@@ -612,18 +694,29 @@ class SSAMF(_SparseSAM):
         inputs, targets = self.fisher_data
         count = min(self.num_samples, inputs.shape[0])
         chosen = torch.randperm(inputs.shape[0], generator=self.generator, device=self.generator.device)[:count]
-        chosen = chosen.to(inputs.device)
-        device = params[0].device
+        if not distributed.active():
+            return fisher_mask(self._fisher(params, chosen), self.sparsity)
+        start, stop = distributed.shard_range(count)   # under torchrun each rank takes its share of the sample
+        sums = [f * (stop - start) for f in self._fisher(params, chosen[start:stop])] if stop > start else \
+            [torch.zeros_like(p) for p in params]
+        return fisher_mask([f / count for f in _reduce_sum(sums)], self.sparsity)
+
+    def _fisher(self, params: list[Tensor], chosen: Tensor) -> list[Tensor]:
+        """The empirical Fisher diagonal at ``params`` over the ``fisher_data`` rows ``chosen``."""
+        inputs, targets = self.fisher_data
+        chosen, device = chosen.to(inputs.device), params[0].device
         fisher = empirical_fisher(self.model, dict(zip(self._names, params)), inputs[chosen].to(device),
                                   targets[chosen].to(device), self.fisher_chunk)
-        return fisher_mask(list(fisher.values()), self.sparsity)
+        return list(fisher.values())
 
 
 class SSAMD(_SparseSAM):
     """SSAM-D: a random initial mask, then every ``refresh`` steps drop the N_drop perturbed
     entries with the smallest |g| (gradient at w) and regrow as many at random (:func:`dynamic_mask_update`),
     N_drop = floor(drop_rate/2 (1 + cos(pi t / total_steps)) (1 - s) d) (:func:`drop_count`). Closure calls
-    per step: 2.
+    per step: 2. Under torchrun the drop ranks the mean of the ranks' ascent gradients (one all-reduce
+    per refresh) and the regrowth draws from the optimizer's generator, the same on every rank: every
+    rank holds the same mask.
     """
 
     def __init__(self, params, base="sgd", *, drop_rate: float = 0.5, total_steps: int | None = None, **kwargs):
@@ -638,13 +731,15 @@ class SSAMD(_SparseSAM):
             scores = torch.rand(numel, generator=self.generator, device=self.generator.device).to(params[0].device)
             return fisher_mask([s.view_as(p) for s, p in zip(scores.split([p.numel() for p in params]), params)],
                                self.sparsity)
+        if distributed.active():  # drop by the ranks' mean gradient, so that every rank keeps the same mask
+            grads = [g / distributed.world_size() for g in _reduce_sum(grads)]
         if not torch.isfinite(global_norm(grads)):
             return None
         num_drop = drop_count(self.steps, self.total_steps, self.sparsity, self.drop_rate, numel)
         return dynamic_mask_update(self.masks(), grads, num_drop, self.generator)
 
 
-class RSAM(PerturbedOptimizer):
+class RSAM(_AscentMethod):
     """R-SAM (Liu et al.): random start, then a projected ascent step.
 
     Each step: delta0 = :func:`rsam_noise` (fresh draw per tensor), gradient g at w + delta0,
@@ -663,8 +758,7 @@ class RSAM(PerturbedOptimizer):
     def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
         delta0 = rsam_noise(params, self.gamma, self.generator)
         self._perturb(params, delta0)
-        loss = self._run(closure, Pass(perturbed=True, sync=False), update_bn=True)
-        grads = self._unscale(self._take_grads(params))
+        loss, grads = self._ascent_gradient(closure, Pass(perturbed=True, sync=False), params, update_bn=True)
         self._restore(params)
         self._perturb(params, rsam_perturbation(delta0, grads, self.rho, self.lam))
         self._run(closure, Pass(perturbed=True))
@@ -692,13 +786,22 @@ class RWP(PerturbedOptimizer):
     - ``lam < 1`` (m-RWP / m-ARWP): gradient lam grad L_B1(w + eps) + (1 - lam) grad L_B2(w).
       The clean pass asks for ``Pass(batch=1)`` and the perturbed one for ``Pass(batch=0)``, so a
       loop may feed two different batches (``batches_per_step == 2``) or the same one twice.
+    - ``parallel=True`` (m-RWP / m-ARWP under torchrun, an even number W of ranks): the two gradients
+      run at the same time, so a step costs one gradient of wall time. Ranks 0 .. W/2 - 1 compute
+      grad L(w) on their shares of B2 (rank 0, which writes BatchNorm statistics, is at w), ranks
+      W/2 .. W - 1 grad L(w + eps) on their shares of B1; one all-reduce of the gradients, each
+      scaled by lam or 1 - lam times its share of its batch, gives exactly the step above (m-ARWP also
+      reduces the perturbed gradient for its history: twice the volume). Every rank draws the noise,
+      so the generator stays the same everywhere. Each rank returns the loss of its own pass.
     Closure calls per step: 1 for lam = 1 (its pass updates BatchNorm statistics: there is no
-    pass at w), 2 for lam < 1 (clean pass first; its loss is returned).
+    pass at w), 2 for lam < 1 (clean pass first; its loss is returned), 1 with ``parallel``.
+    Noise is drawn from the optimizer's generator, the same on every rank: a run on W ranks takes
+    the single-process step on the global batch.
     """
 
     def __init__(self, params, base="sgd", *, sigma: float = 0.01, sigma_schedule: str = "constant",
                  sigma_start: float | None = None, total_steps: int | None = None, adaptive: bool = False,
-                 eta: float = 0.1, beta: float = 0.99, lam: float = 1.0, **kwargs):
+                 eta: float = 0.1, beta: float = 0.99, lam: float = 1.0, parallel: bool = False, **kwargs):
         _check_number("sigma", sigma)
         _check_number("eta", eta)
         if sigma_schedule not in ("constant", "cosine"):
@@ -710,10 +813,16 @@ class RWP(PerturbedOptimizer):
             _check_number("sigma_start", sigma_start)
         _check_number("beta", beta, 0.0, 1.0)
         _check_number("lam", lam, 0.0, 1.0, low_open=True, hint=" (1 = RWP, 0.5 = the m-RWP paper's)")
+        if parallel and lam == 1.0:
+            raise ValueError("parallel=true runs m-RWP's two gradients on two halves of the ranks; it needs "
+                             "lam < 1 (mrwp, marwp)")
+        if parallel and distributed.world_size() % 2:
+            raise ValueError(f"parallel=true needs an even number of ranks, got {distributed.world_size()}: launch "
+                             "with torchrun --nproc-per-node 2 (or 4, ...), or drop parallel=true")
         super().__init__(params, base, **kwargs)
         self.sigma, self.sigma_schedule, self.total_steps = sigma, sigma_schedule, total_steps
         self.sigma_start = sigma / 10 if sigma_start is None else sigma_start
-        self.adaptive, self.eta, self.beta, self.lam = adaptive, eta, beta, lam
+        self.adaptive, self.eta, self.beta, self.lam, self.parallel = adaptive, eta, beta, lam, bool(parallel)
         self.batches_per_step = 1 if lam == 1.0 else 2
 
     def sigma_at(self, step: int) -> float:
@@ -733,7 +842,18 @@ class RWP(PerturbedOptimizer):
                 self.state[p]["history"] = torch.zeros_like(filter_norms(p))
         return [self.state[p]["history"] for p in params]
 
+    def _update_history(self, history: list[Tensor], grads: list[Tensor]) -> None:
+        """ARWP's history update from the (scaled) perturbed gradient; kept on a GradScaler's inf/NaN step."""
+        updated = arwp_history_update(history, self._unscale(grads), self.beta)
+        if self._scaling():
+            finite = torch.isfinite(global_norm(updated))
+            updated = [torch.where(finite, new, old) for new, old in zip(updated, history)]
+        for p, h in zip(self._params(), updated):
+            self.state[p]["history"] = h
+
     def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
+        if self.parallel:
+            return self._parallel_step(closure, params)
         clean, loss = None, None
         if self.lam < 1.0:
             loss = self._run(closure, Pass(batch=1))
@@ -744,18 +864,39 @@ class RWP(PerturbedOptimizer):
         self._restore(params)
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         if history is not None:
-            updated = arwp_history_update(history, self._unscale(grads), self.beta)
-            if self._scaling():
-                finite = torch.isfinite(global_norm(updated))
-                updated = [torch.where(finite, new, old) for new, old in zip(updated, history)]
-            for p, h in zip(params, updated):
-                self.state[p]["history"] = h
+            self._update_history(history, grads)
         if clean is not None:
             torch._foreach_mul_(grads, self.lam)
             torch._foreach_add_(grads, clean, alpha=1.0 - self.lam)
             for p, g in zip(params, grads):
                 p.grad = g
         return perturbed_loss if loss is None else loss
+
+    def _parallel_step(self, closure: Closure, params: list[Tensor]) -> Tensor:
+        """One m-(A)RWP step with the clean and the perturbed gradient on two halves of the ranks."""
+        half, rank = distributed.world_size() // 2, distributed.rank()
+        history = self.history()
+        noise = filterwise_noise(params, self.sigma_at(self.steps), self.generator, history, self.eta)
+        if rank < half:
+            context = Pass(batch=1, sync=False, shard=(rank, half))
+            loss = self._run(closure, context)
+        else:
+            self._perturb(params, noise)
+            context = Pass(perturbed=True, batch=0, sync=False, shard=(rank - half, half))
+            loss = self._run(closure, context, update_bn=False)
+            self._restore(params)
+        grads, share = self._take_grads(params), _share(context, half)
+        mixed = torch._foreach_mul(grads, share * (self.lam if rank >= half else 1.0 - self.lam))
+        if history is None:
+            mixed = _reduce_sum(mixed)
+        else:
+            perturbed = torch._foreach_mul(grads, share if rank >= half else 0.0)
+            reduced = _reduce_sum(mixed + perturbed)
+            mixed, perturbed = reduced[:len(params)], reduced[len(params):]
+            self._update_history(history, perturbed)
+        for p, g in zip(params, mixed):
+            p.grad = g
+        return loss
 
 
 # ----------------------------------------------------------------------------------------------
@@ -823,11 +964,13 @@ _register("sgd", "SGD with momentum (torch.optim.SGD); also the default base of 
           lr=0.1, momentum=0.9, weight_decay=5e-4)
 _register("adamw", "AdamW (torch.optim.AdamW); base=adamw for any method", torch.optim.AdamW,
           lr=3e-3, weight_decay=0.01)
-_register("sam", "SAM, p-norm ascent (Foret et al. 2021); 2 passes", SAM, rho=0.05, p=2.0)
-_register("asam", "ASAM, SAM with T_w = |w| + eta on weights (Kwon et al. 2021); 2 passes", SAM,
-          rho=0.5, adaptive=True, eta=0.01)
-_register("rsam", "R-SAM, random start + projected ascent (Liu et al. 2022); 2 passes", RSAM,
-          rho=0.05, gamma=0.01, lam=1.0)
+_SCOPE = "; torchrun: ascent_scope=rank|global|group:K (whose gradient each rank ascends by)"
+_register("sam", "SAM, p-norm ascent (Foret et al. 2021); 2 passes" + _SCOPE, SAM, rho=0.05, p=2.0,
+          ascent_scope="rank")
+_register("asam", "ASAM, SAM with T_w = |w| + eta on weights (Kwon et al. 2021); 2 passes" + _SCOPE, SAM,
+          rho=0.5, adaptive=True, eta=0.01, ascent_scope="rank")
+_register("rsam", "R-SAM, random start + projected ascent (Liu et al. 2022); 2 passes" + _SCOPE, RSAM,
+          rho=0.05, gamma=0.01, lam=1.0, ascent_scope="rank")
 _register("rwp", "RWP, filter-wise random perturbation (Li et al.); 1 pass. sigma: the paper's cosine rise "
           "0.001 -> 0.01 (authors' script: 0.001 -> 0.011)", RWP,
           sigma=0.01, sigma_schedule="cosine")
@@ -835,13 +978,15 @@ _register("arwp", "ARWP, RWP with gradient-history-adapted noise (Li et al.); 1 
           "rise 0.001 -> 0.01 (authors' script: 0.001 -> 0.011); noise variance / sqrt(1 + eta F) (paper; "
           "authors' code: the std); F per filter, a bias one filter (authors' code: per bias entry)", RWP,
           sigma=0.01, sigma_schedule="cosine", adaptive=True, eta=0.1, beta=0.99)
+_PARALLEL = ("; torchrun: parallel=true runs the two gradients on two halves of an even number of ranks "
+             "(one gradient of wall time)")
 _register("mrwp", "m-RWP, lam*grad(w+eps; B1) + (1-lam)*grad(w; B2) (Li et al.); 2 passes. sigma: the paper's "
-          "cosine rise 0.0015 -> 0.015 (authors' script: constant 0.015)", RWP,
-          sigma=0.015, sigma_schedule="cosine", lam=0.5)
+          "cosine rise 0.0015 -> 0.015 (authors' script: constant 0.015)" + _PARALLEL, RWP,
+          sigma=0.015, sigma_schedule="cosine", lam=0.5, parallel=False)
 _register("marwp", "m-ARWP, m-RWP with ARWP noise (Li et al.); 2 passes. sigma: the paper's cosine rise "
-          "0.0015 -> 0.015 (authors' script: constant 0.015); noise as arwp", RWP,
-          sigma=0.015, sigma_schedule="cosine", lam=0.5, adaptive=True, eta=0.1, beta=0.99)
-_register("ssamf", "SSAM-F, SAM on a Fisher top-k mask (Mi et al. 2022); 2 passes", SSAMF,
-          rho=0.1, sparsity=0.5, refresh=1000, num_samples=1024)
-_register("ssamd", "SSAM-D, SAM on a dynamic drop/regrow mask (Mi et al. 2022); 2 passes", SSAMD,
-          rho=0.1, sparsity=0.5, refresh=1000, drop_rate=0.5)
+          "0.0015 -> 0.015 (authors' script: constant 0.015); noise as arwp" + _PARALLEL, RWP,
+          sigma=0.015, sigma_schedule="cosine", lam=0.5, adaptive=True, eta=0.1, beta=0.99, parallel=False)
+_register("ssamf", "SSAM-F, SAM on a Fisher top-k mask (Mi et al. 2022); 2 passes" + _SCOPE, SSAMF,
+          rho=0.1, sparsity=0.5, refresh=1000, num_samples=1024, ascent_scope="rank")
+_register("ssamd", "SSAM-D, SAM on a dynamic drop/regrow mask (Mi et al. 2022); 2 passes" + _SCOPE, SSAMD,
+          rho=0.1, sparsity=0.5, refresh=1000, drop_rate=0.5, ascent_scope="rank")

@@ -1,0 +1,180 @@
+"""Scale-out benchmarks under torchrun (gloo on the CPU, one thread per rank), written as one result file.
+
+Sections (one function each, returning table rows; ``main`` writes them all with ``write_results``):
+
+- ``training``: a step of ``landscape train`` with parallel m-RWP (``--opt-args parallel=true``) on 2 ranks
+  divided by a step of ``landscape train`` with SGD in 1 process, at the same per-rank batch: the clean
+  and the perturbed gradient run at the same time, so the goal is <= 1.15 (the RWP paper's "one gradient
+  of wall time"). Step times are the medians of the intervals between a callback's calls after each
+  step (the first steps are warm-up); each round trains SGD in this process, then, in one 2-rank
+  torchrun job, SGD (global batch 2 x the per-rank batch) and parallel m-RWP; ratios are medians over
+  rounds of within-round ratios. The second ratio, parallel m-RWP / SGD on the same 2 ranks, shares the
+  all-reduce and the need for two free cores with its baseline: it is the method's own overhead, and
+  holds up on a busy machine where the first does not. The all-reduce payload per step is counted on
+  rank 0 (calls to ``torch.distributed.all_reduce``).
+
+    python benchmarks/distributed.py [--quick] [--sections training] [--configs cnn,resnet18] [--rounds N]
+
+Settings: ``cnn`` on digits, per-rank batch 128; ``resnet18`` on random CIFAR-shaped images, per-rank
+batch 64. The multi-rank part runs this script under torchrun (``--worker``), which hands its numbers
+back through a JSON file (:func:`launch`); a new section adds its row function and its worker to
+:data:`SECTIONS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from _common import write_results
+
+GOAL = 1.15
+CONFIGS = {"cnn": {"arch": "cnn", "batch": 128, "steps": 24},
+           "resnet18": {"arch": "resnet18", "batch": 64, "steps": 5}}
+WARMUP = 2  # steps not timed at the start of a run
+
+
+class StepClock:
+    """A training callback that records when each step ends (:class:`landscape.train.TrainCallback`)."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def __call__(self, *, step: int, epoch: int, model, optimizer, lr: float) -> None:
+        self.stamps.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float:
+        intervals = [b - a for a, b in zip(self.stamps, self.stamps[1:])][WARMUP - 1:]
+        return statistics.median(intervals)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+def dataset(name: str, count: int):
+    """The setting's training data: digits for the cnn; ``count`` random CIFAR-shaped images for resnet18."""
+    from landscape.data import Dataset, load_dataset
+    if name == "cnn":
+        return load_dataset("digits")
+    generator = torch.Generator().manual_seed(0)
+    return Dataset("random-cifar", "random-cifar", torch.randn(count, 3, 32, 32, generator=generator),
+                   torch.randint(0, 10, (count,), generator=generator), None, None, 10, (3, 32, 32))
+
+
+def train_steps(name: str, optimizer: str, batch: int, opt_args: dict[str, Any] | None = None) -> StepClock:
+    """Train the setting for its steps at global ``batch`` (in this process, or on every rank under torchrun)."""
+    from landscape.train import train_model
+    config, clock = CONFIGS[name], StepClock()
+    data = dataset(name, config["steps"] * batch)
+    epochs = max(1, round(config["steps"] * batch / len(data.x_train)))
+    train_model(data, config["arch"], optimizer, epochs=epochs, batch_size=batch, opt_args=opt_args,
+                device="cpu", callbacks=[clock])
+    return clock
+
+
+def training_worker(name: str, out: str) -> None:
+    """Under torchrun: SGD then parallel m-RWP steps; rank 0 writes their seconds per step and m-RWP's
+    all-reduce bytes per step."""
+    import torch.distributed as dist
+
+    from landscape import distributed
+    sent: list[int] = []
+    all_reduce = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        sent.append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *args, **kwargs)
+    batch = CONFIGS[name]["batch"]
+    sgd = train_steps(name, "sgd", 2 * batch)
+    dist.all_reduce = counting
+    clock = train_steps(name, "mrwp", batch, {"parallel": True})
+    steps = len(clock.stamps)  # a step all-reduces the gradient and the loop's summary; then the evaluation
+    if distributed.is_main():
+        Path(out).write_text(json.dumps({"seconds": clock.seconds_per_step(), "sgd": sgd.seconds_per_step(),
+                                         "all_reduce_bytes_per_step": sum(sent[:2 * steps]) / steps}))
+
+
+def training(configs: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Section ``training``: parallel m-RWP on 2 ranks / SGD in 1 process, same per-rank batch."""
+    torch.set_num_threads(1)
+    rows = []
+    for name in configs:
+        ratios, own, sgd_times, ddp_times, mrwp_times, payload = [], [], [], [], [], {}
+        for _ in range(rounds):
+            sgd = train_steps(name, "sgd", CONFIGS[name]["batch"]).seconds_per_step()
+            payload = launch(2, "training", name)
+            sgd_times.append(sgd)
+            ddp_times.append(payload["sgd"])
+            mrwp_times.append(payload["seconds"])
+            ratios.append(payload["seconds"] / sgd)
+            own.append(payload["seconds"] / payload["sgd"])
+            print(f"{name}: sgd {1e3 * sgd:.1f} ms, sgd on 2 ranks {1e3 * payload['sgd']:.1f} ms, parallel m-RWP "
+                  f"{1e3 * payload['seconds']:.1f} ms: x{ratios[-1]:.3f} (x{own[-1]:.3f})", flush=True)
+        ratio = statistics.median(ratios)
+        rows.append({"section": "training", "setting": name, "per_rank_batch": CONFIGS[name]["batch"],
+                     "sgd_1_rank_ms": 1e3 * statistics.median(sgd_times),
+                     "sgd_2_ranks_ms": 1e3 * statistics.median(ddp_times),
+                     "mrwp_parallel_2_ranks_ms": 1e3 * statistics.median(mrwp_times), "ratio": ratio,
+                     "ratio_min": min(ratios), "ratio_max": max(ratios), "rounds": rounds, "goal": GOAL,
+                     "meets_goal": "yes" if ratio <= GOAL else "NO", "ratio_to_sgd_2_ranks": statistics.median(own),
+                     "ratio_to_sgd_2_ranks_min": min(own), "ratio_to_sgd_2_ranks_max": max(own),
+                     "all_reduce_MB_per_step": payload["all_reduce_bytes_per_step"] / 2**20})
+    return rows
+
+
+def launch(ranks: int, section: str, setting: str) -> dict[str, Any]:
+    """Run ``section``'s worker for ``setting`` on ``ranks`` ranks under torchrun; what its rank 0 wrote."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "result.json"
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+                              __file__, "--worker", section, "--setting", setting, "--out", str(out)],
+                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if run.returncode != 0:
+            raise SystemExit(f"the {ranks}-rank {section} run failed:\n{run.stderr[-3000:]}")
+        return json.loads(out.read_text())
+
+
+# section name -> (rows from the settings and rounds, the worker each rank runs under torchrun)
+SECTIONS = {"training": (training, training_worker)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one round of the cnn only (a smoke run)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
+    parser.add_argument("--configs", default="cnn,resnet18", help="comma-separated settings: cnn, resnet18")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per setting (median of their ratios)")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # set by launch()
+    parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        torch.set_num_threads(1)
+        SECTIONS[args.worker][1](args.setting, args.out)
+        return
+    configs = ["cnn"] if args.quick else [name.strip() for name in args.configs.split(",")]
+    rounds = 1 if args.quick else args.rounds
+    rows = []
+    for section in args.sections.split(","):
+        rows += SECTIONS[section.strip()][0](configs, rounds)
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # sections may add their own columns
+    path = write_results("distributed", rows, {"launcher": "torchrun --standalone, gloo", "threads_per_rank": 1,
+                                               "warmup_steps": WARMUP, "note": "shared 2-core machine"}, columns)
+    print(path.read_text())
+
+
+if __name__ == "__main__":
+    main()
