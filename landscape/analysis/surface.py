@@ -46,9 +46,9 @@ def _describe(result: Result, names: Sequence[str]) -> list[str]:
     for split in result.attrs["config"]["splits"]:
         loss, acc = np.asarray(result[f"{split}_loss"]), np.asarray(result[f"{split}_acc"])
         finite = loss[np.isfinite(loss)]
-        text = f"{split}: loss at the origin {loss[origin]:.4f} (acc {acc[origin]:.4f}), " if at_origin else f"{split}: "
+        origin_text = f"loss at the origin {loss[origin]:.4f} (acc {acc[origin]:.4f}), " if at_origin else ""
         span = f"min {finite.min():.4f}, max {finite.max():.4g}" if finite.size else "no finite value"
-        lines.append(f"{text}{span}; {loss.size - finite.size} of {loss.size} points divergent (inf/NaN)")
+        lines.append(f"{split}: {origin_text}{span}; {loss.size - finite.size} of {loss.size} points divergent (inf/NaN)")
     return lines
 
 

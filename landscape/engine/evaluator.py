@@ -6,6 +6,10 @@ inference mode. Its speed-ups are the rewrites of :mod:`landscape.engine.rewrite
 checked against the plain copy on a probe, and recorded in ``speedups``; a rewrite that does not
 apply, raises or disagrees is dropped and the reason logged at DEBUG level
 (``logging.getLogger("landscape.engine")``).
+
+The class is about 290 lines, 50 of them its docstring: building the copy, checking it on the
+probe and evaluating points all work on the same state (the moving weights, the batches and the
+substitute layers), so they stay one class; the rewrites themselves live in their own module.
 """
 
 from __future__ import annotations
@@ -84,11 +88,11 @@ def _check(objectives: Mapping[str, Objective], directions: Sequence[Mapping[str
 def _moving_weights(work: nn.Module, first: Objective, directions: Sequence[Mapping[str, Tensor]]) -> MovingWeights:
     """Set the private copy ``work`` to the base weights and buffers; the tensors that some direction moves."""
     state = {**dict(work.named_parameters()), **dict(work.named_buffers())}
-    base = {**first.frozen, **first.params, **first.buffers}
+    base_state = {**first.frozen, **first.params, **first.buffers}
     for name, tensor in state.items():
         tensor.requires_grad_(False)
-        if name in base:
-            tensor.copy_(base[name])
+        if name in base_state:
+            tensor.copy_(base_state[name])
     names = list(dict.fromkeys(n for d in directions for n in d))
     unknown = [n for n in names if n not in state or not state[n].is_floating_point()]
     if unknown:
@@ -97,10 +101,10 @@ def _moving_weights(work: nn.Module, first: Objective, directions: Sequence[Mapp
     names = [n for n in names if any(bool(d[n].any()) for d in directions if n in d)]  # what moves
     tensors = [state[n] for n in names]
     base_weights = [b if b.stride() == t.stride() else torch.empty_like(t).copy_(b)
-                    for b, t in zip((base[n] for n in names), tensors)]
-    steps = [[torch.empty_like(t).copy_(d[n]) if n in d else torch.zeros_like(t) for n, t in zip(names, tensors)]
-             for d in directions]
-    return MovingWeights(names, tensors, base_weights, steps)
+                    for b, t in zip((base_state[n] for n in names), tensors)]
+    laid_out = [[torch.empty_like(t).copy_(d[n]) if n in d else torch.zeros_like(t) for n, t in zip(names, tensors)]
+                for d in directions]  # in the copy's memory layout
+    return MovingWeights(names, tensors, base_weights, laid_out)
 
 
 class PointEvaluator:
@@ -218,9 +222,9 @@ class PointEvaluator:
         self.first_layer_cache: CachedFirstLayer | None = None
         self._stacked: list[StackedLinear] = []
         self.scores_by_point = False  # stacked class scores come as (points, rows, classes)
-        folded = (self._rewrite("fold_batchnorm", lambda: fold_batchnorm(
-            self.work, conv_batchnorm_pairs(self.work, graph), self.moving)) if options["fold_batchnorm"]
-            and graph is not None else 0)
+        pairs = (self._rewrite("fold_batchnorm", conv_batchnorm_pairs, self.work, graph)
+                 if options["fold_batchnorm"] and graph is not None else [])
+        folded = self._rewrite("fold_batchnorm", fold_batchnorm, self.work, pairs, self.moving) if pairs else 0
         self._move(())  # the (folded) base
         if options["linear_first_layer"]:
             self.first_layer_cache = self._rewrite("linear_first_layer", self._cache_first_layer, graph, budget)

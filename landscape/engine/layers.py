@@ -39,16 +39,17 @@ class CachedFirstLayer(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         split, batch = self.key
         rows = len(x)
-        base = self.base_outputs[split][batch][:rows]
+        base_output = self.base_outputs[split][batch][:rows]
         steps, c = self.direction_outputs[split][batch][:, :rows], self.coefficients
         if isinstance(c, Tensor):
-            out = torch.addmm(base.reshape(1, -1), c[:, self.columns], steps.reshape(len(self.columns), base.numel()))
-            return out.view(-1, *base.shape[1:])
+            out = torch.addmm(base_output.reshape(1, -1), c[:, self.columns],
+                              steps.reshape(len(self.columns), base_output.numel()))
+            return out.view(-1, *base_output.shape[1:])
         out = None
         for column, step in zip(self.columns, steps):
             if c[column] != 0.0:
-                out = torch.add(base, step, alpha=c[column]) if out is None else out.add_(step, alpha=c[column])
-        return base.clone() if out is None else out
+                out = torch.add(base_output, step, alpha=c[column]) if out is None else out.add_(step, alpha=c[column])
+        return base_output.clone() if out is None else out
 
 
 class StackedLinear(nn.Module):

@@ -149,15 +149,15 @@ def cache_first_layer(work: nn.Module, path: str, moving: MovingWeights,
                       budget: float) -> CachedFirstLayer | None:
     """Replace the layer at ``path`` (see :func:`landscape.engine.graph.cacheable_first_layer`) by a
     :class:`CachedFirstLayer` holding W0 x and each moving D_i x for every batch of ``batches``
-    (``{split: [(x, y, weight)]}``), if those ``examples`` outputs fit ``budget`` bytes."""
+    (``{split: [(x, y, weight)]}``), if those outputs for ``examples`` examples fit ``budget`` bytes
+    (measured on the first rows of the first batch)."""
     layer = work.get_submodule(path)
     index = moving.index()
     own = dict(layer.named_parameters())
     parts = [{key: d[index[f"{path}.{key}"]] if f"{path}.{key}" in index else torch.zeros_like(p)
               for key, p in own.items()} if any(f"{path}.{key}" in index for key in own) else None
              for d in moving.directions]
-    first = next(iter(batches.values()))[0][0][:8]
-    probe_input = _layer_input(work, layer, first)
+    probe_input = _layer_input(work, layer, next(iter(batches.values()))[0][0][:8])
     per_example = layer(probe_input[:1]).numel() * probe_input.element_size()
     needed = per_example * examples * (1 + sum(1 for part in parts if part))
     if needed > budget:
