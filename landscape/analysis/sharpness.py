@@ -75,7 +75,8 @@ _START, _NOISE = 1, 2  # seeded_generator stream keys
 class SharpnessResult(Result):
     """``/sharpness``: per ρ (``rhos``, R values), ``worst`` and/or ``average`` (+ ``average_se``) in nats;
     per (batch, ρ) unit the raw batch losses ``worst_base``, ``worst_loss``, ``ascent_loss`` (…, steps + 1),
-    ``average_base``, ``draw_loss`` (…, draws); ``batch_sizes`` (B,); attribute ``loss_base`` = L(w)."""
+    ``average_base``, ``draw_loss`` (…, draws); ``batch_sizes`` (B,); ``done`` (B, R); attribute
+    ``loss_base`` = L(w)."""
 
     group = "sharpness"
 

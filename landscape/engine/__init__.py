@@ -9,6 +9,7 @@
 - :mod:`landscape.engine.layers`: the layers the rewrites put in: the cached first layer and the
   stacked Linear layer.
 - :mod:`landscape.engine.metrics`: loss and correct predictions per point from stacked outputs.
+- :mod:`landscape.engine.batchnorm`: BatchNorm running statistics recomputed at a point (``bn_recompute``).
 - :mod:`landscape.engine.runner`: the resumable point runner that every analysis evaluating points
   uses (surfaces, interpolation, radius, sharpness): fixed blocks, crash-safe writes, resume.
 - :mod:`landscape.engine.allocator`: :func:`tune_allocator`, glibc's malloc tuned for stacked points,
