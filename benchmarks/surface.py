@@ -38,10 +38,13 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import timeit, write_results  # noqa: E402
 
-from landscape.analysis.surface import PointEvaluator, loss_surface, surface_directions  # noqa: E402
+from landscape.analysis.surface import loss_surface  # noqa: E402
 from landscape.data import load_dataset  # noqa: E402
+from landscape.engine import tune_allocator  # noqa: E402
+from landscape.engine.evaluator import PointEvaluator  # noqa: E402
 from landscape.models import build_model  # noqa: E402
 from landscape.objective import Objective  # noqa: E402
+from landscape.params import surface_directions  # noqa: E402
 
 PLAIN = ("fold_batchnorm", "channels_last", "micro_batch", "linear_first_layer", "stack_points", "inplace_activations")
 # model -> (grid side, grid side with --quick, examples, examples with --quick, timing repeats)
@@ -158,6 +161,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    tune_allocator()  # as the CLI does: glibc keeps freed memory for stacked points
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as folder:
         rows = [run_case(name, args.quick, device, Path(folder), args.grid) for name in args.models.split(",")]

@@ -29,6 +29,7 @@ def reproduce(out_dir: str, optimizers: str | None, data: str, arch: str, quick:
     Python: landscape.reproduce.reproduce("runs/reproduce")
     """
     from landscape.cli.common import progress
+    from landscape.engine import tune_allocator
     from landscape.optimizers import list_optimizers
     from landscape.plotting import use_file_backend
     from landscape.reproduce import FULL, PAPER_OPTIMIZERS, QUICK
@@ -39,6 +40,7 @@ def reproduce(out_dir: str, optimizers: str | None, data: str, arch: str, quick:
     if unknown:
         raise click.UsageError(f"unknown optimizer {unknown[0]!r}; see `landscape optimizers`")
     use_file_backend()
+    tune_allocator()
     summary = run(out_dir, names, data=data, arch=arch, settings=QUICK if quick else FULL, device=device, seed=seed,
                   log=lambda line: click.echo(line, err=True), progress=progress)
     click.echo(str(summary))

@@ -68,9 +68,11 @@ def sharpness(checkpoint: str, rhos: str, kind: str, norm: str, adaptive: bool, 
       landscape.sharpness(landscape.load_objective("runs/sgd.pt"), [0.01, 0.05, 0.1], out="runs/sgd.h5")
     """
     from landscape.analysis.sharpness import sharpness as measure
+    from landscape.engine import tune_allocator
 
     values = parse_grid(rhos, "--rhos", log=True, example="0.01:1:5")
     objective = objective_from_options(checkpoint, seed=seed, **options)
+    tune_allocator()
     result = _run_with_bar("sharpness", "unit", measure, objective=objective, rhos=values, kind=kind, norm=norm,
                            adaptive=adaptive, m=m, steps=steps, step_size=step_size, start=start, draws=draws,
                            bn_recompute=bn_recompute, seed=seed, out=out, resume=resume, overwrite=overwrite)

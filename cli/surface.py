@@ -90,19 +90,6 @@ def _run_with_bar(desc: str, unit: str, function: Callable[..., Any], **kwargs: 
         bar.close()
 
 
-def _describe(result: Any, names: list[str]) -> None:
-    """Loss and accuracy at the origin (if on the grid), the range, and the number of divergent points."""
-    coordinates = [np.asarray(result[n]) for n in names]
-    origin = tuple(int(np.argmin(np.abs(c))) for c in coordinates)
-    at_origin = all(c[i] == 0 for c, i in zip(coordinates, origin))
-    for split in result.attrs["config"]["splits"]:
-        loss, acc = np.asarray(result[f"{split}_loss"]), np.asarray(result[f"{split}_acc"])
-        finite = loss[np.isfinite(loss)]
-        text = f"{split}: loss at the origin {loss[origin]:.4f} (acc {acc[origin]:.4f}), " if at_origin else f"{split}: "
-        span = f"min {finite.min():.4f}, max {finite.max():.4g}" if finite.size else "no finite value"
-        click.echo(f"{text}{span}; {loss.size - finite.size} of {loss.size} points divergent (inf/NaN)")
-
-
 @click.command()
 @click.argument("checkpoint")
 @click.option("--x", "x_axis", default="-1:1:51", show_default=True, metavar="LO:HI:N",
@@ -139,6 +126,7 @@ def surface(checkpoint: str, x_axis: str, y_axis: str, one_d: bool, norm: str, i
       landscape.loss_surface(landscape.load_objective("runs/sam.pt"), out="runs/sam.h5")
     """
     from landscape.analysis.surface import loss_surface
+    from landscape.engine import tune_allocator
 
     x = parse_grid(x_axis, "--x")
     y = None if one_d else parse_grid(y_axis, "--y")
@@ -146,10 +134,11 @@ def surface(checkpoint: str, x_axis: str, y_axis: str, one_d: bool, norm: str, i
         raise LandscapeError("--orthogonal needs two directions; drop --1d or --orthogonal")
     first, test = _objectives(checkpoint, split, seed, options)
     target = _other_checkpoint(x_target, options) if x_target else None
+    tune_allocator()
     result = _run_with_bar("surface", "pt", loss_surface, objective=first, x=x, y=y, test_objective=test,
                            normalization=norm, include_biasbn=include_biasbn, orthogonal=orthogonal, x_target=target,
                            bn_recompute=bn_recompute, seed=seed, out=out, resume=resume, overwrite=overwrite)
-    _describe(result, ["xcoordinates"] if one_d else ["xcoordinates", "ycoordinates"])
+    click.echo(result.summary())
     shape = "x".join(str(n) for n in np.shape(result[f"{result.attrs['config']['splits'][0]}_loss"]))
     click.echo(f"wrote {out} /surface ({shape} grid)")
 
@@ -179,21 +168,16 @@ def interpolate(checkpoint_a: str, checkpoint_b: str, alphas: str, move_buffers:
       landscape.interpolate(landscape.load_objective("runs/sgd.pt"), "runs/sam.pt").save("runs/sgd_sam.h5")
     """
     from landscape.analysis.surface import interpolate as run_interpolation
+    from landscape.engine import tune_allocator
 
     values = parse_grid(alphas, "--alphas")
     first, test = _objectives(checkpoint_a, split, seed, options)
     target = _other_checkpoint(checkpoint_b, options)
+    tune_allocator()
     result = _run_with_bar("interpolate", "pt", run_interpolation, objective=first, target=target, alphas=values,
                            move_buffers=move_buffers, test_objective=test, bn_recompute=bn_recompute, out=out,
                            resume=resume, overwrite=overwrite)
-    _describe(result, ["alphas"])
-    inside = (values >= 0) & (values <= 1)
-    ends = [int(np.argmin(np.abs(values - a))) for a in (0.0, 1.0)]
-    if inside.any() and values[ends[0]] == 0 and values[ends[1]] == 1:
-        for split_name in result.attrs["config"]["splits"]:
-            loss = np.asarray(result[f"{split_name}_loss"])
-            chord = (1 - values) * loss[ends[0]] + values * loss[ends[1]]
-            click.echo(f"{split_name}: loss barrier on [0, 1] = {np.max((loss - chord)[inside]):.4g}")
+    click.echo(result.summary())
     click.echo(f"wrote {out} /interpolation ({len(values)} points)")
 
 
@@ -231,6 +215,7 @@ def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: 
       landscape.radius_curve(landscape.load_objective("runs/sgd.pt")).save("runs/sgd.h5")
     """
     from landscape.analysis.radius import RadiusResult, radius_curve
+    from landscape.engine import tune_allocator
 
     values = parse_grid(radii, "--radii", log=True, example="1e-3:10:25")
     levels = parse_grid(ratio_levels, "--ratio-levels") if ratio_levels else None
@@ -240,13 +225,9 @@ def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: 
     if already_done(out, RadiusResult.group, overwrite, resume, objective, seed, asked):
         result = RadiusResult.load(out)
     else:
+        tune_allocator()
         result = _run_with_bar("radius", "point", radius_curve, objective=objective, radii=values, draws=draws,
                                rho_p=rho_p, seed=seed, ratio_levels=levels, out=out, resume=resume,
                                overwrite=overwrite)
-    a = result.arrays
-    click.echo(f"{'radius':>10}  {'L_AWP':>10}  {'L_RWP (mean ± std)':>22}")
-    for r, awp, rwp, std in zip(a["radii"], a["loss_awp"], a["loss_rwp"], a["loss_rwp_std"]):
-        click.echo(f"{r:>10.4g}  {awp:>10.4g}  {rwp:>12.4g} ± {std:<9.3g}")
-    click.echo(f"unperturbed loss {result['loss_base']:.4g}; RWP/AWP radius ratio at equal loss increase: "
-               f"{result['radius_ratio']:.3g}x (levels {', '.join(f'{v:.3g}' for v in a['ratio_levels'])} nats)")
+    click.echo(result.summary())
     click.echo(f"wrote {out} /radius")

@@ -35,6 +35,8 @@ _EXPORTS = {
     "HessianOperator": "landscape.curvature.hessian",
     "GGNOperator": "landscape.curvature.ggn",
     "EmpiricalFisherOperator": "landscape.curvature.fisher",
+    "PointEvaluator": "landscape.engine.evaluator",
+    "tune_allocator": "landscape.engine",
     "loss_surface": "landscape.analysis.surface",
     "interpolate": "landscape.analysis.surface",
     "radius_curve": "landscape.analysis.radius",

@@ -15,6 +15,9 @@ Metadata is data, never code: a ``module:function`` recorded in a file (``arch``
 is imported only when the caller names it (``arch=``/``data=``) or passes ``trust=True``. Zip
 archives (``torch.save``'s format) are checked entry by entry against their CRC-32 while the
 file is hashed, so a damaged file is refused before it is unpickled.
+
+:func:`target_state` reads the weights of another checkpoint (or module, or state dict) shaped like
+a model's, for directions towards it (surfaces, interpolation).
 """
 
 from __future__ import annotations
@@ -268,6 +271,47 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, arch_kw
     model = build_model(arch, **kwargs)
     _load_state(model, _strip_prefixes(file.state), path, arch)
     return Checkpoint(model.to(map_location).eval(), meta, file.path, file.sha256)
+
+
+def tensors_sha256(tensors: Mapping[str, Tensor]) -> str:
+    """SHA-256 of the names and float64 values of ``tensors``, in order (a digest of weights not read from a file)."""
+    digest = hashlib.sha256()
+    for name, tensor in tensors.items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def target_state(target: object, like: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The weights and buffers of another model shaped like ``like``, cast like them, and where they
+    came from (``{"path", "sha256"}``).
+
+    ``target`` is a checkpoint path, a :class:`Checkpoint`, an ``nn.Module`` or a state dict. Every
+    name in ``like`` must exist there with the same shape.
+    """
+    if isinstance(target, (str, Path)):
+        target = load_checkpoint(target)
+    if isinstance(target, Checkpoint):
+        info = {"path": str(target.path), "sha256": target.sha256}
+        target = target.model
+    else:
+        info = {}
+    if isinstance(target, nn.Module):
+        state = {**dict(target.named_parameters()), **dict(target.named_buffers())}
+    elif isinstance(target, Mapping):
+        state = dict(target)
+    else:
+        raise LandscapeError(f"cannot read weights from a {type(target).__name__}; "
+                             "pass a checkpoint path, a Checkpoint, an nn.Module or a state dict")
+    missing = [n for n in like if n not in state]
+    if missing:
+        raise LandscapeError(f"the other model lacks {missing[:3]}; both must share an architecture")
+    wrong = [n for n, t in like.items() if tuple(state[n].shape) != tuple(t.shape)]
+    if wrong:
+        raise LandscapeError(f"{wrong[0]} has shape {tuple(state[wrong[0]].shape)} in the other model and "
+                             f"{tuple(like[wrong[0]].shape)} here; both must share an architecture")
+    cast = {n: state[n].detach().to(t.device, t.dtype) for n, t in like.items()}
+    return cast, info or {"path": f"<{type(target).__name__}>", "sha256": tensors_sha256(cast)}
 
 
 def recorded_spec(meta: Mapping, field: str, path: str | os.PathLike, trust: bool) -> str | None:

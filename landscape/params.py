@@ -3,7 +3,9 @@
 Tensors travel as ``dict[str, Tensor]`` (the ``torch.func`` convention) or as plain
 sequences in a fixed order. A *filter* is a slice along dim 0 of a tensor with two or
 more dimensions (an output channel or neuron); a tensor with fewer dimensions counts as
-one filter.
+one filter. Directions in weight space (Li et al. 2018): seeded, normalised per filter or layer,
+orthogonalised, towards another checkpoint, and the pair of a loss surface with what a result
+stores about it (:func:`surface_directions`, :func:`direction_attrs`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import fnmatch
 import functools
 import math
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -179,3 +182,37 @@ def difference(target: Mapping[str, Tensor], base: Mapping[str, Tensor]) -> dict
     if missing:
         raise LandscapeError(f"the other checkpoint lacks {missing[:3]}; both must share an architecture")
     return {n: target[n].to(base[n]) - base[n] for n in base}
+
+
+def surface_directions(params: Mapping[str, Tensor], dims: int = 2, *, seed: int = 0, normalization: str = "filter",
+                       include_biasbn: bool = False, orthogonal: bool = False,
+                       x_target: Mapping[str, Tensor] | None = None) -> list[dict[str, Tensor]]:
+    """The ``dims`` (1 or 2) directions of a loss surface (Li et al. 2018).
+
+    x is a seeded Gaussian direction (seed stream ``2*seed``) normalised to ``params`` (see
+    :func:`normalize_direction`), or ``x_target - params`` when ``x_target`` is given
+    (unnormalised, so x = 1 lands on the target). y uses seed stream ``2*seed + 1``; with
+    ``orthogonal`` it is made orthogonal to x, keeping its global norm.
+    """
+    if dims not in (1, 2):
+        raise LandscapeError(f"a surface has 1 or 2 directions, not {dims}")
+    x = (difference(x_target, params) if x_target is not None
+         else random_direction(params, 2 * seed, normalization, include_biasbn))
+    if dims == 1:
+        return [x]
+    y = random_direction(params, 2 * seed + 1, normalization, include_biasbn)
+    return [x, orthogonalize(x, y) if orthogonal else y]
+
+
+def direction_attrs(directions: Sequence[Mapping[str, Tensor]], like: Mapping[str, Tensor]) -> dict[str, Any]:
+    """What a result stores about its directions: their parameter names and shapes (the layout of
+    the flat stored vectors), the global norm of each (``xdirection_norm``, ``ydirection_norm``) and,
+    for two, the cosine between them."""
+    names = list(directions[0])
+    attrs: dict[str, Any] = {"direction_names": names, "direction_shapes": [list(like[n].shape) for n in names]}
+    for axis, direction in zip("xy", directions):
+        attrs[f"{axis}direction_norm"] = float(global_norm(list(direction.values())))
+    if len(directions) == 2:
+        x, y = (flatten(d).double() for d in directions)
+        attrs["direction_cosine"] = float(x @ y / (x.norm() * y.norm()).clamp_min(1e-30))
+    return attrs

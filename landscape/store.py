@@ -433,19 +433,26 @@ class IncrementalGroup:
 
 
 class MemoryGroup:
-    """In-memory stand-in for :class:`IncrementalGroup` when no output file is given (scalar units)."""
+    """In-memory stand-in for :class:`IncrementalGroup` when no output file is given.
 
-    def __init__(self, datasets: Sequence[str], unit_shape: tuple[int, ...], static: Mapping[str, Any]) -> None:
+    ``datasets`` is ``{name: trailing_shape}`` per unit as for :class:`IncrementalGroup`, or a
+    sequence of names of scalar values.
+    """
+
+    def __init__(self, datasets: Mapping[str, tuple[int, ...]] | Sequence[str], unit_shape: tuple[int, ...],
+                 static: Mapping[str, Any]) -> None:
         self.unit_shape = tuple(unit_shape)
-        self.values = {name: np.full(unit_shape, np.nan) for name in datasets}
+        trailing = dict(datasets) if isinstance(datasets, Mapping) else dict.fromkeys(datasets, ())
+        self.values = {name: np.full(self.unit_shape + tuple(shape), np.nan) for name, shape in trailing.items()}
         self.done = np.zeros(unit_shape, dtype=bool)
         self.static = dict(static)
 
     def write(self, start: int, values: Mapping[str, Any]) -> None:
         """Store consecutive units from the flat index ``start`` on."""
         for name, value in values.items():
-            value = np.asarray(value, dtype=np.float64).reshape(-1)
-            self.values[name].reshape(-1)[start:start + len(value)] = value
+            units = self.values[name].reshape(self.done.size, -1)
+            value = np.asarray(value, dtype=np.float64).reshape(-1, units.shape[1])
+            units[start:start + len(value)] = value
             self.done.reshape(-1)[start:start + len(value)] = True
 
     def arrays(self) -> dict[str, Any]:

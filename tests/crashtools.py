@@ -247,6 +247,7 @@ import sys
 import numpy as np, torch
 from torch import nn
 from landscape.analysis import radius, surface
+from landscape.engine import runner
 from landscape.objective import Objective
 
 def mlp(seed):
@@ -258,13 +259,13 @@ x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 3, (64,))
 objective = Objective(mlp(0), x, y, batch_size=16)
 name, out = sys.argv[1], sys.argv[2]
 shape = {"surface": (3, 2), "radius": (2, 3), "interpolation": (3,)}[name]
-evaluate_points = surface.evaluate_points
+evaluate_points = runner.evaluate_points
 
 def logged(evaluator, point_of, indices):
     print(*(f"unit {np.ravel_multi_index(index, shape)}" for index in indices), sep="\\n", flush=True)
     return evaluate_points(evaluator, point_of, indices)
 
-surface.evaluate_points = logged
+runner.evaluate_points = logged
 options = dict(out=out, resume=True, flush_seconds=0, evaluator_options={"stack_points": 3 if len(shape) == 2 else 2})
 if name == "surface":
     surface.loss_surface(objective, np.linspace(-1, 1, 3), np.linspace(-1, 1, 2), **options)

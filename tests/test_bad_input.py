@@ -15,12 +15,13 @@ import torch
 from clitools import invoke
 
 import landscape.train
-from landscape.analysis.surface import PointEvaluator, surface_directions
 from landscape.checkpoint import load_checkpoint, save_checkpoint
 from landscape.data import Dataset
+from landscape.engine.evaluator import PointEvaluator
 from landscape.errors import LandscapeError
 from landscape.models import build_model
 from landscape.objective import Objective
+from landscape.params import surface_directions
 from landscape.store import read_group
 from landscape.train import train_model
 

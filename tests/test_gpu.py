@@ -5,9 +5,10 @@ import pytest
 import torch
 from test_surface import assert_close, make_model, perturbed, plain_metrics
 
-from landscape.analysis.surface import PointEvaluator, surface_directions
 from landscape.data import eval_subset
+from landscape.engine.evaluator import PointEvaluator
 from landscape.objective import Objective
+from landscape.params import surface_directions
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 

@@ -15,6 +15,7 @@ def test_wheel_maps_cli_to_landscape_cli(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     assert "landscape/cli/main.py" in names and "landscape/cli/common.py" in names
     assert "landscape/curvature/operator.py" in names and "landscape/analysis/hessian.py" in names
+    assert "landscape/engine/evaluator.py" in names and "landscape/engine/runner.py" in names
     assert not any(n.startswith("cli/") for n in names), "a bare top-level cli package was shipped"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
     assert "landscape = landscape.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()

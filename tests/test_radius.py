@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landscape.analysis.radius import radius_curve, radius_ratio
+from landscape.analysis.radius import RadiusResult, radius_curve, radius_ratio
 from landscape.data import eval_subset
 from landscape.errors import LandscapeError
 from landscape.models import build_model
@@ -41,6 +41,17 @@ def test_awp_is_the_closed_form_and_beats_every_random_draw_on_an_isotropic_quad
     assert (result["loss_awp"][:, None] >= result["loss_rwp_draws"] - 1e-12).all()
     assert (result["loss_awp"] >= result["loss_rwp"]).all()
     assert_close(result["loss_base"], base, 1e-12, "unperturbed loss")
+
+
+def test_summary_is_the_table_the_cli_prints():
+    result = RadiusResult({"radii": np.array([0.01, 1.0]), "loss_awp": np.array([0.5, 2.25]),
+                           "loss_rwp": np.array([0.25, 0.75]), "loss_rwp_std": np.array([0.0, 0.125]),
+                           "ratio_levels": np.array([0.1, 0.2])}, {"loss_base": 0.25, "radius_ratio": 42.0})
+    assert result.summary().splitlines() == [
+        "    radius       L_AWP      L_RWP (mean ± std)",
+        "      0.01         0.5          0.25 ± 0        ",
+        "         1        2.25          0.75 ± 0.125    ",
+        "unperturbed loss 0.25; RWP/AWP radius ratio at equal loss increase: 42x (levels 0.1, 0.2 nats)"]
 
 
 def test_radius_ratio_recovers_a_known_factor():

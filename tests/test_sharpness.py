@@ -179,6 +179,17 @@ def test_recomputed_batchnorm_matches_update_bn_and_the_model_is_untouched():
     assert result.attrs["config"]["bn_recompute"] is True
 
 
+def test_in_memory_results_come_from_the_point_runner_with_every_unit_done(monkeypatch):
+    from landscape.engine import runner
+    model, x, y = relu_net()
+    evaluated = []
+    evaluate_points = runner.evaluate_points
+    monkeypatch.setattr(runner, "evaluate_points", lambda *args: evaluated.append(args[2]) or evaluate_points(*args))
+    result = sharpness(Objective(model, x, y), [0.1, 0.2], kind="average", m=16, draws=2)
+    assert evaluated == [[(b, i)] for b in range(3) for i in range(2)], "one (batch, rho) unit at a time, in order"
+    assert result["done"].shape == (3, 2) and result["done"].all()
+
+
 def test_bad_options_are_one_line_errors():
     model, x, y = relu_net()
     objective = Objective(model, x, y)

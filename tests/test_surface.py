@@ -1,6 +1,9 @@
 """Loss surfaces and interpolation, checked against hand-built perturbed models evaluated with a plain forward."""
 
 import copy
+import logging
+import subprocess
+import sys
 
 import crashtools
 import numpy as np
@@ -10,14 +13,17 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 from torch import nn
 
-from landscape.analysis import surface
-from landscape.analysis.surface import PointEvaluator, interpolate, loss_surface, surface_directions
+from landscape.analysis.surface import InterpolationResult, SurfaceResult, interpolate, loss_surface
 from landscape.checkpoint import save_checkpoint
 from landscape.cli.main import cli
 from landscape.data import eval_subset
+from landscape.engine import evaluator as evaluator_module
+from landscape.engine import graph, rewrites, runner
+from landscape.engine.evaluator import PointEvaluator
 from landscape.errors import LandscapeError
 from landscape.models import build_model
 from landscape.objective import Objective
+from landscape.params import surface_directions
 from landscape.results import Result
 from landscape.store import MemoryGroup
 
@@ -126,7 +132,7 @@ def test_micro_batches_keep_the_exact_mean_and_skip_batch_statistics_and_ignored
     x, y = data
     model = make_model("cnn")
     widest = 8 * 8 * 8 * 8  # bytes per example of the cnn's widest output: 8 float64 channels of 8x8
-    monkeypatch.setattr(surface, "MICRO_BATCH_BYTES", 5 * widest)
+    monkeypatch.setattr(rewrites, "MICRO_BATCH_BYTES", 5 * widest)
     objective = Objective(model, x, y, dtype=torch.float64, batch_size=64)
     xs, ys = np.array([-0.5, 0.75]), np.array([0.0, 1.0])
     result = loss_surface(objective, xs, ys, seed=2, evaluator_options={"micro_batch": True})
@@ -175,7 +181,7 @@ def test_points_go_in_fixed_blocks_whatever_is_already_done():
     sink.write(6, {"train_loss": [20.0, 21.0, 22.0]})  # block 2 done
     sink.write(9, {"train_loss": [30.0]})  # block 3 partly marked (a kill inside its done write)
     recorder, progress = Recorder(stack=3), []
-    surface.run_points(sink, recorder, lambda index: index, lambda *p: progress.append(p), flush_seconds=0)
+    runner.run_points(sink, recorder, lambda index: index, lambda *p: progress.append(p), flush_seconds=0)
     assert recorder.calls == [[(1, 0), (1, 1), (1, 2)], [(3, 0), (3, 1), (3, 2)]]
     np.testing.assert_array_equal(sink.values["train_loss"], 10.0 * np.arange(4)[:, None] + np.arange(3))
     assert sink.done.all() and progress == [(7, 12), (10, 12), (12, 12)]
@@ -184,8 +190,20 @@ def test_points_go_in_fixed_blocks_whatever_is_already_done():
 def test_the_first_block_is_written_at_once_then_every_flush_interval():
     """An early write: a first time per point for the estimate of the rest, and early progress."""
     sink, recorder, progress = MemoryGroup(["train_loss"], (1, 5), {}), Recorder(stack=2), []
-    surface.run_points(sink, recorder, lambda index: index, lambda *p: progress.append(p), flush_seconds=60.0)
+    runner.run_points(sink, recorder, lambda index: index, lambda *p: progress.append(p), flush_seconds=60.0)
     assert progress == [(0, 5), (2, 5), (5, 5)] and recorder.calls[0] == [(0, 0), (0, 1)]
+
+
+def test_evaluate_blocks_evaluates_exactly_the_blocks_it_is_given():
+    """The seam for sharing points out: any list of whole blocks, evaluated apart from the sink, in the
+    same stacks as a whole run, coming back as (units, values) chunks: the first at once, the rest at the end."""
+    recorder, done = Recorder(stack=3), np.zeros(12, dtype=bool)
+    done[[0, 1, 2, 6, 7, 8, 9]] = True  # blocks 0 and 2 done, block 3 partly
+    assert runner.pending_blocks(done, 3).tolist() == [3, 9]
+    chunks = list(runner.evaluate_blocks(recorder, lambda index: index, (4, 3), [9, 3], flush_seconds=60.0))
+    assert [units.tolist() for units, _ in chunks] == [[9, 10, 11], [3, 4, 5]]
+    assert [values["train_loss"].tolist() for _, values in chunks] == [[30.0, 31.0, 32.0], [10.0, 11.0, 12.0]]
+    assert recorder.calls == [[(3, 0), (3, 1), (3, 2)], [(1, 0), (1, 1), (1, 2)]]
 
 
 def test_one_dimensional_slice_on_two_splits(data, digits):
@@ -348,7 +366,7 @@ def test_activations_overwrite_only_tensors_nothing_else_reads(data):
     x, y = data
     torch.manual_seed(0)
     model = SharedActivation().double().eval()
-    assert surface._activations_on_fresh_tensors(model, surface._sole_inputs(model)) == ["out_act"]
+    assert graph.activations_on_fresh_tensors(model, graph.trace(model)) == ["out_act"]
     objective = Objective(model, x, y, batch_size=64)
     directions = surface_directions(objective.params, seed=2)
     fast = PointEvaluator({"train": objective}, directions)
@@ -359,6 +377,152 @@ def test_activations_overwrite_only_tensors_nothing_else_reads(data):
                                                         for n in directions[0]}), x, y) for a, b in points])
     assert_close(got["train_loss"], expected[:, 0], 1e-12, "loss")
     assert not model.out_act.inplace, "the objective's own model is never changed"
+
+
+class TwiceCalled(nn.Module):
+    """Calls its first layer twice per forward, the second time on the pixels in reverse order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        return self.head(torch.relu(self.fc(flat) + self.fc(flat.flip(1))))
+
+
+class SharedAtTwoDepths(nn.Module):
+    """One weight-shared 64 -> 64 layer used at two depths."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(64, 64), nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc(torch.tanh(self.fc(x.flatten(1)))))
+
+
+class ScaledInput(nn.Module):
+    """The first layer's input is an expression of the model input, not the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.fc(x.flatten(1) * 2)))
+
+
+class ConcatenatedInput(nn.Module):
+    """The first layer takes the input twice side by side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(128, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.flatten(1)
+        return self.head(torch.relu(self.fc(torch.cat([flat, flat], dim=1))))
+
+
+class Untraceable(nn.Module):
+    """An MLP with Python control flow on a tensor, which torch.fx cannot trace."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.head = nn.Linear(64, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.fc(x.flatten(1))
+        return self.head(torch.relu(hidden) if x.shape[0] > 0 else hidden)
+
+
+def debug_messages(caplog) -> str:
+    return "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG
+                     and r.name.startswith("landscape.engine"))
+
+
+@pytest.mark.parametrize("model_class, reason", [
+    (TwiceCalled, "the first layer fc is called 2 times per forward"),
+    (SharedAtTwoDepths, "the first layer fc is called 2 times per forward"),
+    (ScaledInput, "the input of the first layer fc is not the model input"),
+    (ConcatenatedInput, "the input of the first layer fc is not the model input"),
+    (Untraceable, "torch.fx cannot trace the Untraceable model"),
+])
+def test_the_first_layer_cache_is_refused_from_the_graph_with_a_logged_reason(data, caplog, model_class, reason):
+    """A first layer called twice, fed by an expression of the input, or in a model fx cannot trace
+    is never cached (even when asked for, and whatever a probe would say); the values stay exact."""
+    x, y = data
+    torch.manual_seed(0)
+    model = model_class().double().eval()
+    objective = Objective(model, x, y, batch_size=64)
+    xs, ys = np.array([-0.5, 0.75]), np.array([0.0, 1.0])
+    with caplog.at_level(logging.DEBUG, logger="landscape.engine"):
+        result = loss_surface(objective, xs, ys, seed=2, evaluator_options={"linear_first_layer": True,
+                                                                             "stack_points": False})
+    assert result.attrs["speedups"]["linear_first_layer"] is False
+    assert reason in debug_messages(caplog)
+    assert "probe" not in debug_messages(caplog), "refused from the graph, not by the probe"
+    d1, d2 = surface_directions(objective.params, seed=2)
+    expected = np.array([[plain_metrics(perturbed(model, {n: a * d1[n] + b * d2[n] for n in d1}), x, y)
+                          for b in ys] for a in xs])
+    assert_close(result["train_loss"], expected[..., 0], 1e-10, "loss")
+    assert_close(result["train_acc"], expected[..., 1], 1e-12, "accuracy")
+
+
+def test_a_rewrite_that_raises_is_logged_and_dropped_alone(data, caplog, monkeypatch):
+    x, y = data
+    objective = Objective(make_model("cnn"), x, y, dtype=torch.float64, batch_size=64)
+    directions = surface_directions(objective.params, seed=2)
+
+    def broken(*args):
+        raise RuntimeError("an unusual model")
+
+    monkeypatch.setattr(evaluator_module, "fold_batchnorm", broken)
+    with caplog.at_level(logging.DEBUG, logger="landscape.engine"):
+        fast = PointEvaluator({"train": objective}, directions)
+    assert "the fold_batchnorm rewrite raised RuntimeError: an unusual model" in debug_messages(caplog)
+    assert fast.speedups == {"fold_batchnorm": 0, "channels_last": True, "micro_batch": 0,
+                             "linear_first_layer": True, "stack_points": 1, "inplace_activations": 3}
+    points = [[0.3, -0.2], [1.0, 0.5]]
+    expected = [plain_metrics(perturbed(make_model("cnn"), {n: a * directions[0][n] + b * directions[1][n]
+                                                            for n in directions[0]}), x, y)[0] for a, b in points]
+    assert_close(fast.evaluate(points)["train_loss"], expected, 1e-10, "loss without folding")
+
+
+def test_a_probe_that_disagrees_is_logged(data, caplog):
+    x, y = data
+    torch.manual_seed(0)
+    objective = Objective(Residual().double(), x, y, batch_size=64)
+    with caplog.at_level(logging.DEBUG, logger="landscape.engine"):
+        fast = PointEvaluator({"train": objective}, surface_directions(objective.params, seed=2))
+    assert fast.speedups["stack_points"] == 1
+    assert "fail on the probe" in debug_messages(caplog) or "change the probe's outputs" in debug_messages(caplog)
+
+
+def test_building_an_evaluator_leaves_the_allocator_alone_and_tune_allocator_sets_it():
+    """glibc's malloc is tuned by an explicit call, never as a side effect of stacking points."""
+    code = """
+import ctypes, torch
+opened, real = [], ctypes.CDLL
+ctypes.CDLL = lambda name, *args, **kwargs: opened.append(name) or real(name, *args, **kwargs)
+from landscape.engine import tune_allocator
+from landscape.engine.evaluator import PointEvaluator
+from landscape.models import build_model
+from landscape.objective import Objective
+from landscape.params import surface_directions
+torch.manual_seed(0)
+objective = Objective(build_model("mlp", 10, (1, 8, 8), hidden=(12,)), torch.randn(32, 1, 8, 8),
+                      torch.randint(0, 10, (32,)))
+assert PointEvaluator({"train": objective}, surface_directions(objective.params)).stack > 1
+print(opened.count("libc.so.6"), end=" ")
+tune_allocator()
+tune_allocator()
+print(opened.count("libc.so.6"))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ["0", "1"]
 
 
 def test_interpolating_a_model_with_itself_is_flat(data):
@@ -406,6 +570,34 @@ def checkpoints(tmp_path_factory):
                         arch_kwargs={"num_classes": 10, "input_shape": [1, 8, 8], "hidden": [12]}, dataset="digits",
                         optimizer="none", optimizer_hparams={}, metrics={}, seed=seed)
     return folder
+
+
+def test_summaries_say_the_origin_the_range_the_divergent_points_and_the_barrier():
+    config = {"config": {"splits": ["train", "test"]}}
+    surface = SurfaceResult({"xcoordinates": np.array([-1.0, 0.0, 1.0]), "ycoordinates": np.array([0.0, 0.5]),
+                             "train_loss": np.array([[3.0, 4.0], [0.25, 0.5], [np.inf, 2.0]]),
+                             "train_acc": np.array([[0.1, 0.2], [0.875, 0.8], [0.0, 0.3]]),
+                             "test_loss": np.full((3, 2), np.nan), "test_acc": np.zeros((3, 2))}, config)
+    assert surface.summary() == (
+        "train: loss at the origin 0.2500 (acc 0.8750), min 0.2500, max 4; 1 of 6 points divergent (inf/NaN)\n"
+        "test: loss at the origin nan (acc 0.0000), no finite value; 6 of 6 points divergent (inf/NaN)")
+    # the loss barrier: the largest excess over the chord from alpha = 0 to 1, here 1.5 - (1 - 0.5) = 1
+    line = InterpolationResult({"alphas": np.array([-0.5, 0.0, 0.5, 1.0]), "train_loss": np.array([2.0, 1.0, 1.5, 0.0]),
+                                "train_acc": np.array([0.5, 0.6, 0.7, 0.8])}, {"config": {"splits": ["train"]}})
+    assert line.summary() == ("train: loss at the origin 1.0000 (acc 0.6000), min 0.0000, max 2; "
+                              "0 of 4 points divergent (inf/NaN)\ntrain: loss barrier on [0, 1] = 1")
+    off_grid = InterpolationResult({**line.arrays, "alphas": np.array([0.1, 0.2, 0.3, 0.4])}, line.attrs)
+    assert off_grid.summary() == "train: min 0.0000, max 2; 0 of 4 points divergent (inf/NaN)"
+
+
+def test_evaluating_commands_tune_the_allocator_once(checkpoints, tmp_path, monkeypatch):
+    import landscape.engine
+    calls = []
+    monkeypatch.setattr(landscape.engine, "tune_allocator", lambda: calls.append(1))
+    result = CliRunner().invoke(cli, ["surface", str(checkpoints / "a.pt"), "--x", "-1:1:2", "--1d", "--subset", "32",
+                                      "--out", str(tmp_path / "r.h5")])
+    assert result.exit_code == 0, result.output
+    assert calls == [1]
 
 
 def test_cli_surface_interpolate_radius_and_plots(checkpoints, tmp_path):

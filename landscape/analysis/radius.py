@@ -9,7 +9,7 @@ two curves (the RWP paper's Fig. 1 finds about 100×).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from landscape.analysis.surface import PointEvaluator, check_room, run_group
+from landscape.engine.evaluator import PointEvaluator
+from landscape.engine.runner import Progress, check_room, run_group
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
 from landscape.optimizers import filterwise_noise, sam_perturbation
@@ -35,6 +36,17 @@ class RadiusResult(Result):
     draw 1..n]) and ``done``; attributes ``loss_base``, ``acc_base``, ``radius_ratio`` (geometric mean)."""
 
     group = "radius"
+
+    def summary(self) -> str:
+        """What ``landscape radius`` prints: L_AWP and L_RWP (mean ± std over draws) per radius, the
+        unperturbed loss and the RWP/AWP radius ratio at equal loss increase with its levels."""
+        a = self.arrays
+        lines = [f"{'radius':>10}  {'L_AWP':>10}  {'L_RWP (mean ± std)':>22}"]
+        for r, awp, rwp, std in zip(a["radii"], a["loss_awp"], a["loss_rwp"], a["loss_rwp_std"]):
+            lines.append(f"{r:>10.4g}  {awp:>10.4g}  {rwp:>12.4g} ± {std:<9.3g}")
+        lines.append(f"unperturbed loss {self['loss_base']:.4g}; RWP/AWP radius ratio at equal loss increase: "
+                     f"{self['radius_ratio']:.3g}x (levels {', '.join(f'{v:.3g}' for v in a['ratio_levels'])} nats)")
+        return "\n".join(lines)
 
 
 def _unit(tensors: Sequence[Tensor]) -> list[Tensor]:
@@ -81,7 +93,7 @@ def radius_ratio(radii: np.ndarray, loss_awp: np.ndarray, loss_rwp: np.ndarray, 
 def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int = 10, rho_p: float = 2.0,
                  seed: int = 0, ratio_levels: Sequence[float] | None = None,
                  evaluator_options: Mapping[str, Any] | None = None, out: str | Path | None = None,
-                 resume: bool = False, overwrite: bool = False, progress: Callable[[int, int], None] | None = None,
+                 resume: bool = False, overwrite: bool = False, progress: Progress | None = None,
                  flush_seconds: float = 1.0) -> RadiusResult:
     """Adversarial and random perturbed loss at each radius (see the module docstring).
 
@@ -92,7 +104,8 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
         rho_p: the p of SAM's p-norm ball that shapes ε (2: the gradient direction; inf: its sign).
         seed: seed of the random directions.
         ratio_levels: loss increases (nats) at which to compare radii (see :func:`radius_ratio`).
-        evaluator_options: speed-up switches of :class:`PointEvaluator` (same values up to rounding).
+        evaluator_options: speed-up switches of :class:`~landscape.engine.evaluator.PointEvaluator`
+            (same values up to rounding).
         out, resume, overwrite: write ``/radius`` of this HDF5 file incrementally, one (radius,
             direction) point at a time (``eval_loss``, ``eval_acc``: radii × [AWP, draw 1..n]);
             ``resume`` continues an interrupted run (same options required), ``overwrite`` starts over.
@@ -116,8 +129,8 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
     noise = [_unit(filterwise_noise(weights, 1.0, generator)) for _ in range(draws)]
     evaluator = PointEvaluator({"eval": objective}, [dict(zip(names, d)) for d in [awp, *noise]],
                                **(evaluator_options or {}))
-    base = evaluator.evaluate([[0.0] * (draws + 1)])
-    loss_base, acc_base = float(base["eval_loss"][0]), float(base["eval_acc"][0])
+    origin = evaluator.evaluate([[0.0] * (draws + 1)])
+    loss_base, acc_base = float(origin["eval_loss"][0]), float(origin["eval_acc"][0])
     config = {"radii": radii.tolist(), "draws": draws, "rho_p": rho_p, "bn": objective.bn, "seed": seed,
               "ratio_levels": None if ratio_levels is None else [float(v) for v in ratio_levels],
               "dtype": str(objective.dtype).replace("torch.", "")}
@@ -137,7 +150,7 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
                  "loss_rwp_draws": loss[:, 1:], "ratio_levels": levels, "ratio_values": ratios},
                 {"radius_ratio": ratio})
 
-    arrays, derived = run_group(out, RadiusResult.group, ["eval_loss", "eval_acc"], (len(radii), draws + 1), attrs,
-                                {"radii": radii}, evaluator, point, resume=resume, overwrite=overwrite,
+    arrays, derived = run_group(out, RadiusResult.group, {"eval_loss": (), "eval_acc": ()}, (len(radii), draws + 1),
+                                attrs, {"radii": radii}, evaluator, point, resume=resume, overwrite=overwrite,
                                 progress=progress, flush_seconds=flush_seconds, derive=curves)
     return RadiusResult(arrays, {**attrs, **derived})

@@ -36,7 +36,7 @@ module does:
 - BatchNorm: their code evaluates in eval mode (the checkpoint's running statistics, not recomputed
   at w + δ). That is the default here (with the objective's ``bn``); ``bn_recompute`` recomputes the
   running statistics over the batch's examples at each evaluated point, through
-  :class:`landscape.analysis.surface.PointEvaluator`; the worst-case ascent still follows the
+  :class:`landscape.engine.evaluator.PointEvaluator`; the worst-case ascent still follows the
   gradients under the checkpoint's statistics and the maximum is then taken over {0, δ*} (its best
   iterate) under recomputed statistics.
 - Not implemented: their logit normalisation and random restarts.
@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,26 +56,27 @@ from torch import Tensor
 
 from landscape.analysis.cosine import project_to_ball
 from landscape.analysis.gradients import loss_and_grad, seeded_generator, shifted
-from landscape.analysis.surface import PointEvaluator
+from landscape.engine.evaluator import PointEvaluator
+from landscape.engine.runner import OneByOne, Progress, run_group
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
 from landscape.optimizers import sam_perturbation, standard_normal
 from landscape.params import global_norm, split_like
 from landscape.results import Result
-from landscape.store import IncrementalGroup, provenance, read_group
+from landscape.store import provenance, read_group
 
 DEFAULT_RHOS = (0.01, 0.05, 0.1)
 KINDS = ("worst", "average", "both")
 NORMS = {"l2": 2.0, "linf": math.inf}
 STARTS = ("zero", "random")
 _START, _NOISE = 1, 2  # seeded_generator stream keys
-Progress = Callable[[int, int], None]  # (units done, units in total); a unit is one (batch, ρ)
 
 
 class SharpnessResult(Result):
     """``/sharpness``: per ρ (``rhos``, R values), ``worst`` and/or ``average`` (+ ``average_se``) in nats;
     per (batch, ρ) unit the raw batch losses ``worst_base``, ``worst_loss``, ``ascent_loss`` (…, steps + 1),
-    ``average_base``, ``draw_loss`` (…, draws); ``batch_sizes`` (B,); attribute ``loss_base`` = L(w)."""
+    ``average_base``, ``draw_loss`` (…, draws); ``batch_sizes`` (B,); ``done`` (B, R); attribute
+    ``loss_base`` = L(w)."""
 
     group = "sharpness"
 
@@ -254,45 +255,31 @@ def sharpness(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, kin
     attrs = {**provenance(config, objective.provenance(), seed, objective.device), "num_params": objective.num_params,
              "num_examples": n}
     static = {"rhos": rhos, "batch_sizes": batch_sizes}
-    unit_shape = (len(bounds), len(rhos))
-    sink = (IncrementalGroup(out, SharpnessResult.group, datasets, unit_shape, attrs, static, resume=resume,
-                             overwrite=overwrite) if out is not None else None)
-    memory = {name: np.full(unit_shape + trailing, np.nan) for name, trailing in datasets.items()} if sink is None else {}
-    try:
-        pending = [np.unravel_index(i, unit_shape) for i in np.flatnonzero(~sink.done)] if sink is not None \
-            else list(np.ndindex(unit_shape))
-        total = len(bounds) * len(rhos)
-        if progress is not None:
-            progress(total - len(pending), total)
-        part: tuple[int, Objective, PointEvaluator | None] | None = None
-        for done, (b, i) in enumerate(pending, start=total - len(pending) + 1):
-            if part is None or part[0] != b:
-                batch = _rows(objective, *bounds[b])
-                part = (b, batch, PointEvaluator({"batch": batch}, noise, bn_recompute=bn_recompute)
-                        if average else None)
-            values: dict[str, Any] = {}
-            rho = float(rhos[i])
-            if worst:
-                values.update(_worst_unit(part[1], scale, rho, p, steps, step_size, direction, bn_recompute))
-            if average:
-                values.update(_average_unit(part[2], rho, draws))
-            if sink is not None:
-                sink.write(int(np.ravel_multi_index((b, i), unit_shape)), {n: np.asarray(v)[None] for n, v in values.items()})
-            else:
-                for name, value in values.items():
-                    memory[name][b, i] = value
-            if progress is not None:
-                progress(done, total)
-        arrays = sink.arrays() if sink is not None else {**static, **memory}
-        derived, derived_attrs = _per_rho(arrays, batch_sizes)
-        if sink is not None:
-            sink.finalize(derived, derived_attrs)
-    finally:
-        if sink is not None:
-            sink.close()
+    part: tuple[int, Objective, PointEvaluator | None] | None = None  # the batch being measured
+
+    def unit(index: tuple[int, int]) -> dict[str, Any]:
+        """The values of the (batch, ρ) unit ``index``."""
+        nonlocal part
+        b, i = index
+        if part is None or part[0] != b:
+            batch = _rows(objective, *bounds[b])
+            part = (b, batch, PointEvaluator({"batch": batch}, noise, bn_recompute=bn_recompute) if average else None)
+        values: dict[str, Any] = {}
+        rho = float(rhos[i])
+        if worst:
+            values.update(_worst_unit(part[1], scale, rho, p, steps, step_size, direction, bn_recompute))
+        if average:
+            values.update(_average_unit(part[2], rho, draws))
+        return values
+
+    # one unit per block, each written as soon as it is done
+    arrays, derived_attrs = run_group(out, SharpnessResult.group, datasets, (len(bounds), len(rhos)), attrs, static,
+                                      OneByOne(unit), lambda index: index, resume=resume, overwrite=overwrite,
+                                      progress=progress, flush_seconds=0.0,
+                                      derive=lambda finished: _per_rho(finished, batch_sizes))
     if out is not None:
         return SharpnessResult(*read_group(out, SharpnessResult.group))
-    return SharpnessResult({**arrays, **derived}, {**attrs, **derived_attrs})
+    return SharpnessResult(arrays, {**attrs, **derived_attrs})
 
 
 def _worst_unit(batch: Objective, scale: list[Tensor], rho: float, p: float, steps: int, step_size: float,
