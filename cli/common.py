@@ -140,13 +140,18 @@ def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0):
                 dynamic_ncols=True, leave=False)
 
 
+def require_matches(entries: list, what: str, pattern: str | None) -> None:
+    """Refuse an empty listing of ``what`` (e.g. ``"model"``) for the glob ``pattern`` in one line."""
+    from landscape.errors import LandscapeError
+    if not entries:
+        raise LandscapeError(f"no {what} matches '{pattern}'; run `landscape {what}s` to see all names")
+
+
 def echo_registry(entries: list, what: str, pattern: str | None, label: str) -> None:
     """Print registry entries (``name``, ``description``, ``defaults``) with their ``label`` line."""
     import json
 
-    from landscape.errors import LandscapeError
-    if not entries:
-        raise LandscapeError(f"no {what} matches '{pattern}'; run `landscape {what}s` to see all names")
+    require_matches(entries, what, pattern)
     width = max(len(entry.name) for entry in entries)
     for entry in entries:
         values = ", ".join(f"{key}={json.dumps(value)}" for key, value in entry.defaults.items())

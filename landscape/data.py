@@ -32,7 +32,7 @@ import pickle
 import re
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ import torch
 from torch import Tensor
 
 from landscape.errors import LandscapeError
+from landscape.registry import Registry
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 DIGITS_TEST_FRACTION = 0.2
@@ -56,15 +57,7 @@ CIFAR_LAYOUT = {
     "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100),
 }
 
-DATASET_FORMS = [
-    ("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), stratified 80/20 split by seed"),
-    ("cifar10:PATH", "CIFAR-10 python-pickle folder (cifar-10-batches-py) or its parent"),
-    ("cifar100:PATH", "CIFAR-100 python-pickle folder (cifar-100-python) or its parent, fine labels"),
-    ("npz:PATH", "NumPy .npz with arrays x, y and optionally x_test, y_test"),
-    ("module:function", "user code: function() returns a Dataset, (x, y) or (x, y, x_test, y_test)"),
-]
-
-DATASET_SCHEMES = ("digits", "npz", *CIFAR_LAYOUT)  # spec prefixes that name built-in readers, never code
+USER_FORM = ("module:function", "user code: function() returns a Dataset, (x, y) or (x, y, x_test, y_test)")
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -96,21 +89,51 @@ class Dataset:
         raise LandscapeError(f"unknown split '{which}'; use 'train' or 'test'")
 
 
-def list_datasets() -> list[tuple[str, str]]:
-    """Accepted dataset spec forms as ``(form, description)`` pairs."""
-    return list(DATASET_FORMS)
+@dataclass(frozen=True)
+class DatasetKind:
+    """A built-in reader: its name (the spec's prefix), a description, whether the spec carries a
+    path (``name:PATH``) and ``load(spec, path, seed)``, with ``path`` a :class:`Path` or None."""
+
+    name: str
+    description: str
+    takes_path: bool
+    load: Callable[[str, Path | None, int], Dataset] = field(repr=False)
+
+    @property
+    def form(self) -> str:
+        """The spec form, e.g. ``cifar10:PATH``."""
+        return f"{self.name}:PATH" if self.takes_path else self.name
+
+
+DATASETS: Registry[DatasetKind] = Registry("dataset kind")
+
+
+def register(name: str, description: str, takes_path: bool = True) -> Callable:
+    """Decorator adding ``load(spec, path, seed) -> Dataset`` to :data:`DATASETS` as the spec
+    ``name:PATH`` (``name`` alone without ``takes_path``). A name registered before is refused."""
+
+    def add(load: Callable[[str, Path | None, int], Dataset]) -> Callable[[str, Path | None, int], Dataset]:
+        DATASETS.register(name, DatasetKind(name, description, takes_path, load))
+        return load
+
+    return add
+
+
+def list_datasets(pattern: str | None = None) -> list[tuple[str, str]]:
+    """Accepted dataset spec forms as ``(form, description)`` pairs: the built-in kinds whose name matches
+    the glob ``pattern`` (all if None), then ``module:function`` (only without a pattern)."""
+    forms = [(kind.form, kind.description) for kind in DATASETS.list(pattern)]
+    return forms if pattern is not None else [*forms, USER_FORM]
 
 
 def load_dataset(spec: str = "digits", seed: int = 0) -> Dataset:
     """Load the dataset named by ``spec``; ``seed`` picks the digits train/test split."""
-    kind, _, path = spec.partition(":")
-    if spec == "digits":
-        return _load_digits(seed)
-    if kind in CIFAR_LAYOUT and path:
-        return _load_cifar(spec, kind, Path(path).expanduser())
-    if kind == "npz" and path:
-        return _load_npz(spec, Path(path).expanduser())
-    if names_code(spec, DATASET_SCHEMES) and _FUNCTION_SPEC.match(spec):
+    name, colon, path = spec.partition(":")
+    if name in DATASETS:
+        kind = DATASETS.get(name)
+        if kind.takes_path == bool(path):
+            return kind.load(spec, Path(path).expanduser() if path else None, seed)
+    elif names_code(spec, DATASET_SCHEMES) and _FUNCTION_SPEC.match(spec):
         return _load_user(spec)
     raise LandscapeError(f"unknown dataset spec '{spec}'; use one of: {_forms()}")
 
@@ -135,7 +158,7 @@ def eval_subset(x: Tensor, y: Tensor, subset: int | None, seed: int) -> tuple[Te
 
 def _forms() -> str:
     """The accepted spec forms, comma-separated, for error messages."""
-    return ", ".join(form for form, _ in DATASET_FORMS)
+    return ", ".join(form for form, _ in list_datasets())
 
 
 def names_code(spec: str, schemes: tuple[str, ...] = ()) -> bool:
@@ -217,7 +240,9 @@ def _labels(y, spec: str) -> Tensor:
     return y
 
 
-def _load_digits(seed: int) -> Dataset:
+@register("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), stratified 80/20 split by seed",
+          takes_path=False)
+def _load_digits(spec: str, path: Path | None, seed: int) -> Dataset:
     """scikit-learn digits, standardised with train-split statistics, stratified split by ``seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -281,6 +306,16 @@ def _cifar_folder(path: Path, kind: str) -> Path:
                          f"'{path / folder_name}'); point {kind}:PATH at the extracted '{folder_name}' folder")
 
 
+@register("cifar10", "CIFAR-10 python-pickle folder (cifar-10-batches-py) or its parent")
+def _load_cifar10(spec: str, path: Path, seed: int) -> Dataset:
+    return _load_cifar(spec, "cifar10", path)
+
+
+@register("cifar100", "CIFAR-100 python-pickle folder (cifar-100-python) or its parent, fine labels")
+def _load_cifar100(spec: str, path: Path, seed: int) -> Dataset:
+    return _load_cifar(spec, "cifar100", path)
+
+
 def _load_cifar(spec: str, kind: str, path: Path) -> Dataset:
     """CIFAR-10/100 from the python-pickle folder, normalised with the published channel stats."""
     _, train_files, test_file, label_key, num_classes = CIFAR_LAYOUT[kind]
@@ -301,7 +336,8 @@ def _load_cifar(spec: str, kind: str, path: Path) -> Dataset:
     return _dataset(spec, kind, (x_train, y_train, normalise(x_test), y_test), num_classes)
 
 
-def _load_npz(spec: str, path: Path) -> Dataset:
+@register("npz", "NumPy .npz with arrays x, y and optionally x_test, y_test")
+def _load_npz(spec: str, path: Path, seed: int) -> Dataset:
     """Arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``) from an ``.npz`` file."""
     if not path.is_file():
         raise LandscapeError(f"npz file '{path}' does not exist; check the path in npz:PATH")
@@ -327,3 +363,6 @@ def _load_user(spec: str) -> Dataset:
         return _dataset(spec, spec.partition(":")[2], tuple(returned))
     raise LandscapeError(f"dataset function '{spec}' returned {type(returned).__name__}; return a "
                          "landscape.data.Dataset, a tuple (x, y) or a tuple (x, y, x_test, y_test)")
+
+
+DATASET_SCHEMES = tuple(DATASETS.names())  # spec prefixes that name built-in readers, never code

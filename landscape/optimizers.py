@@ -26,7 +26,6 @@ Choices where the sources leave room, stated once:
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import inspect
 import math
@@ -42,6 +41,7 @@ from torch.func import functional_call
 from landscape.objective import batchnorm_mode, per_example_gradients
 from landscape.params import (filter_norms, filter_square_sums, flat_cat, global_norm, is_filtered, per_entry,
                               per_filter, split_like)
+from landscape.registry import Registry
 
 _TINY = 1e-12
 
@@ -779,21 +779,20 @@ class OptimizerInfo:
         return option in inspect.signature(self.factory.__init__).parameters
 
 
-_REGISTRY: dict[str, OptimizerInfo] = {}
-
-
-def _register(name: str, description: str, factory: Callable[..., torch.optim.Optimizer], **defaults) -> None:
-    _REGISTRY[name] = OptimizerInfo(name, description, factory, defaults)
-
-
 def _canonical(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
+OPTIMIZERS: Registry[OptimizerInfo] = Registry("optimizer", canonical=_canonical, error=ValueError)
+
+
+def _register(name: str, description: str, factory: Callable[..., torch.optim.Optimizer], **defaults) -> None:
+    OPTIMIZERS.register(name, OptimizerInfo(name, description, factory, defaults))
+
+
 def list_optimizers(pattern: str | None = None) -> list[OptimizerInfo]:
     """Registered optimizers whose name matches the glob ``pattern`` (hyphens ignored; all if None)."""
-    return [info for name, info in _REGISTRY.items()
-            if pattern is None or fnmatch.fnmatchcase(name, _canonical(pattern))]
+    return OPTIMIZERS.list(pattern)
 
 
 def create(name: str, params, **hparams) -> torch.optim.Optimizer:
@@ -803,15 +802,12 @@ def create(name: str, params, **hparams) -> torch.optim.Optimizer:
     method's paper defaults, then ``hparams``. Wrappers take ``base=``, ``model=``, ``seed=``, ...
     (see :class:`PerturbedOptimizer`); everything else goes to the base optimizer.
     """
-    key = _canonical(name)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(_REGISTRY)}")
-    info = _REGISTRY[key]
+    info = OPTIMIZERS.get(name)
     options = {**info.defaults, **hparams}
     if issubclass(info.factory, PerturbedOptimizer):
         base = options.setdefault("base", "sgd")
         if isinstance(base, str) and _canonical(base) in ("sgd", "adamw"):
-            options = {**_REGISTRY[_canonical(base)].defaults, **options}
+            options = {**OPTIMIZERS.get(base).defaults, **options}
         return info.factory(params, **options)
     try:
         return info.factory(params, **options)

@@ -122,6 +122,10 @@ def test_datasets_listing():
     assert result.exit_code == 0
     for form in ("digits", "cifar10:PATH", "cifar100:PATH", "npz:PATH", "module:function"):
         assert form in result.output
+    filtered = run("datasets", "cifar*")
+    assert filtered.exit_code == 0 and [line.split()[0] for line in filtered.output.splitlines()] == [
+        "cifar10:PATH", "cifar100:PATH"]
+    assert_input_error(run("datasets", "imagenet*"), "no dataset matches 'imagenet*'")
 
 
 @pytest.mark.parametrize("command", ["info", "models", "datasets"])

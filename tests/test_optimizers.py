@@ -632,7 +632,7 @@ def test_registry_names_aliases_and_base_optimizers():
     opt = O.create("M-RWP", model.parameters(), total_steps=3, base="adamw")
     assert isinstance(opt.base, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 3e-3 and opt.lam == 0.5
     assert isinstance(O.create("asam", model.parameters()).base, torch.optim.SGD)
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; use one of sgd, adamw, sam, asam, rsam, rwp"):
         O.create("lion", model.parameters())
 
 
