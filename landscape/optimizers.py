@@ -63,6 +63,12 @@ def _check_number(name: str, value: float, low: float = 0.0, high: float = math.
         raise ValueError(f"invalid {name}: {value!r}; must be a number {interval}{hint}")
 
 
+def _refuse_renamed(kwargs: Mapping, old: str, new: str, method: str) -> None:
+    """ValueError naming ``new`` when the keyword arguments still use the old name ``old``."""
+    if old in kwargs:
+        raise ValueError(f"{method}'s {old}= is now called {new}=; pass {new}={kwargs[old]!r}")
+
+
 def _check_count(name: str, value: int, what: str) -> None:
     """ValueError unless ``value`` is a positive int."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -160,14 +166,15 @@ def rsam_noise(weights: Sequence[Tensor], gamma: float, generator: torch.Generat
 
 
 def rsam_perturbation(delta0: Sequence[Tensor], grads: Sequence[Tensor], rho: float,
-                      lam: float) -> list[Tensor]:
-    """R-SAM's projected ascent: rho (delta0 + lam g) / ||delta0 + lam g||, g = grad at w + delta0.
+                      grad_weight: float) -> list[Tensor]:
+    """R-SAM's projected ascent: rho (delta0 + a g) / ||delta0 + a g||, g = grad at w + delta0,
+    a = ``grad_weight`` (the paper's lambda: the weight of the gradient against the random start).
 
     Returns the total perturbation from w (w_adv = w + result), on the rho-sphere.
     """
     _check_number("rho", rho)
-    _check_number("lam", lam)
-    total = torch._foreach_add(list(delta0), list(grads), alpha=lam)
+    _check_number("grad_weight", grad_weight)
+    total = torch._foreach_add(list(delta0), list(grads), alpha=grad_weight)
     return torch._foreach_mul(total, rho / global_norm(total, 2.0).clamp_min(_TINY))
 
 
@@ -648,17 +655,20 @@ class RSAM(PerturbedOptimizer):
     """R-SAM (Liu et al.): random start, then a projected ascent step.
 
     Each step: delta0 = :func:`rsam_noise` (fresh draw per tensor), gradient g at w + delta0,
-    eps = :func:`rsam_perturbation` (rho (delta0 + lam g)/||delta0 + lam g||), gradient at
-    w + eps, restore w, base step. Closure calls per step: 2 (both perturbed; the first, nearest
-    to w, updates BatchNorm statistics under ``bn_stats="once"``). Returns the loss at w + delta0.
+    eps = :func:`rsam_perturbation` (rho (delta0 + a g)/||delta0 + a g||, a = ``grad_weight``, the
+    paper's lambda), gradient at w + eps, restore w, base step. Closure calls per step: 2 (both
+    perturbed; the first, nearest to w, updates BatchNorm statistics under ``bn_stats="once"``).
+    Returns the loss at w + delta0.
     """
 
-    def __init__(self, params, base="sgd", *, rho: float = 0.05, gamma: float = 0.01, lam: float = 1.0, **kwargs):
+    def __init__(self, params, base="sgd", *, rho: float = 0.05, gamma: float = 0.01, grad_weight: float = 1.0,
+                 **kwargs):
+        _refuse_renamed(kwargs, "lam", "grad_weight", "R-SAM")
         _check_number("rho", rho)
         _check_number("gamma", gamma)
-        _check_number("lam", lam)
+        _check_number("grad_weight", grad_weight)
         super().__init__(params, base, **kwargs)
-        self.rho, self.gamma, self.lam = rho, gamma, lam
+        self.rho, self.gamma, self.grad_weight = rho, gamma, grad_weight
 
     def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
         delta0 = rsam_noise(params, self.gamma, self.generator)
@@ -666,7 +676,7 @@ class RSAM(PerturbedOptimizer):
         loss = self._run(closure, Pass(perturbed=True, sync=False), update_bn=True)
         grads = self._unscale(self._take_grads(params))
         self._restore(params)
-        self._perturb(params, rsam_perturbation(delta0, grads, self.rho, self.lam))
+        self._perturb(params, rsam_perturbation(delta0, grads, self.rho, self.grad_weight))
         self._run(closure, Pass(perturbed=True))
         self._restore(params)
         return loss
@@ -689,16 +699,18 @@ class RWP(PerturbedOptimizer):
       sqrt(1 + eta F_j). A tensor with ndim < 2 (a bias, a BatchNorm weight) is one filter here,
       for the history as for the noise; the reference code keeps its history per entry (while its
       noise std uses the whole tensor's norm).
-    - ``lam < 1`` (m-RWP / m-ARWP): gradient lam grad L_B1(w + eps) + (1 - lam) grad L_B2(w).
-      The clean pass asks for ``Pass(batch=1)`` and the perturbed one for ``Pass(batch=0)``, so a
-      loop may feed two different batches (``batches_per_step == 2``) or the same one twice.
-    Closure calls per step: 1 for lam = 1 (its pass updates BatchNorm statistics: there is no
-    pass at w), 2 for lam < 1 (clean pass first; its loss is returned).
+    - ``perturbed_weight`` m < 1 (m-RWP / m-ARWP; the paper's lambda): gradient
+      m grad L_B1(w + eps) + (1 - m) grad L_B2(w). The clean pass asks for ``Pass(batch=1)`` and the
+      perturbed one for ``Pass(batch=0)``, so a loop may feed two different batches
+      (``batches_per_step == 2``) or the same one twice.
+    Closure calls per step: 1 for m = 1 (its pass updates BatchNorm statistics: there is no
+    pass at w), 2 for m < 1 (clean pass first; its loss is returned).
     """
 
     def __init__(self, params, base="sgd", *, sigma: float = 0.01, sigma_schedule: str = "constant",
                  sigma_start: float | None = None, total_steps: int | None = None, adaptive: bool = False,
-                 eta: float = 0.1, beta: float = 0.99, lam: float = 1.0, **kwargs):
+                 eta: float = 0.1, beta: float = 0.99, perturbed_weight: float = 1.0, **kwargs):
+        _refuse_renamed(kwargs, "lam", "perturbed_weight", "m-RWP")
         _check_number("sigma", sigma)
         _check_number("eta", eta)
         if sigma_schedule not in ("constant", "cosine"):
@@ -709,12 +721,13 @@ class RWP(PerturbedOptimizer):
         if sigma_start is not None:
             _check_number("sigma_start", sigma_start)
         _check_number("beta", beta, 0.0, 1.0)
-        _check_number("lam", lam, 0.0, 1.0, low_open=True, hint=" (1 = RWP, 0.5 = the m-RWP paper's)")
+        _check_number("perturbed_weight", perturbed_weight, 0.0, 1.0, low_open=True,
+                      hint=" (1 = RWP, 0.5 = the m-RWP paper's)")
         super().__init__(params, base, **kwargs)
         self.sigma, self.sigma_schedule, self.total_steps = sigma, sigma_schedule, total_steps
         self.sigma_start = sigma / 10 if sigma_start is None else sigma_start
-        self.adaptive, self.eta, self.beta, self.lam = adaptive, eta, beta, lam
-        self.batches_per_step = 1 if lam == 1.0 else 2
+        self.adaptive, self.eta, self.beta, self.perturbed_weight = adaptive, eta, beta, perturbed_weight
+        self.batches_per_step = 1 if perturbed_weight == 1.0 else 2
 
     def sigma_at(self, step: int) -> float:
         """The noise scale sigma_t at optimizer step ``step``."""
@@ -735,7 +748,7 @@ class RWP(PerturbedOptimizer):
 
     def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
         clean, loss = None, None
-        if self.lam < 1.0:
+        if self.perturbed_weight < 1.0:
             loss = self._run(closure, Pass(batch=1))
             clean = self._take_grads(params)
         history = self.history()
@@ -751,8 +764,8 @@ class RWP(PerturbedOptimizer):
             for p, h in zip(params, updated):
                 self.state[p]["history"] = h
         if clean is not None:
-            torch._foreach_mul_(grads, self.lam)
-            torch._foreach_add_(grads, clean, alpha=1.0 - self.lam)
+            torch._foreach_mul_(grads, self.perturbed_weight)
+            torch._foreach_add_(grads, clean, alpha=1.0 - self.perturbed_weight)
             for p, g in zip(params, grads):
                 p.grad = g
         return perturbed_loss if loss is None else loss
@@ -823,7 +836,7 @@ _register("sam", "SAM, p-norm ascent (Foret et al. 2021); 2 passes", SAM, rho=0.
 _register("asam", "ASAM, SAM with T_w = |w| + eta on weights (Kwon et al. 2021); 2 passes", SAM,
           rho=0.5, adaptive=True, eta=0.01)
 _register("rsam", "R-SAM, random start + projected ascent (Liu et al. 2022); 2 passes", RSAM,
-          rho=0.05, gamma=0.01, lam=1.0)
+          rho=0.05, gamma=0.01, grad_weight=1.0)
 _register("rwp", "RWP, filter-wise random perturbation (Li et al.); 1 pass. sigma: the paper's cosine rise "
           "0.001 -> 0.01 (authors' script: 0.001 -> 0.011)", RWP,
           sigma=0.01, sigma_schedule="cosine")
@@ -831,12 +844,12 @@ _register("arwp", "ARWP, RWP with gradient-history-adapted noise (Li et al.); 1 
           "rise 0.001 -> 0.01 (authors' script: 0.001 -> 0.011); noise variance / sqrt(1 + eta F) (paper; "
           "authors' code: the std); F per filter, a bias one filter (authors' code: per bias entry)", RWP,
           sigma=0.01, sigma_schedule="cosine", adaptive=True, eta=0.1, beta=0.99)
-_register("mrwp", "m-RWP, lam*grad(w+eps; B1) + (1-lam)*grad(w; B2) (Li et al.); 2 passes. sigma: the paper's "
-          "cosine rise 0.0015 -> 0.015 (authors' script: constant 0.015)", RWP,
-          sigma=0.015, sigma_schedule="cosine", lam=0.5)
+_register("mrwp", "m-RWP, m*grad(w+eps; B1) + (1-m)*grad(w; B2), m = perturbed_weight (Li et al.); 2 passes. "
+          "sigma: the paper's cosine rise 0.0015 -> 0.015 (authors' script: constant 0.015)", RWP,
+          sigma=0.015, sigma_schedule="cosine", perturbed_weight=0.5)
 _register("marwp", "m-ARWP, m-RWP with ARWP noise (Li et al.); 2 passes. sigma: the paper's cosine rise "
           "0.0015 -> 0.015 (authors' script: constant 0.015); noise as arwp", RWP,
-          sigma=0.015, sigma_schedule="cosine", lam=0.5, adaptive=True, eta=0.1, beta=0.99)
+          sigma=0.015, sigma_schedule="cosine", perturbed_weight=0.5, adaptive=True, eta=0.1, beta=0.99)
 _register("ssamf", "SSAM-F, SAM on a Fisher top-k mask (Mi et al. 2022); 2 passes", SSAMF,
           rho=0.1, sparsity=0.5, refresh=1000, num_samples=1024)
 _register("ssamd", "SSAM-D, SAM on a dynamic drop/regrow mask (Mi et al. 2022); 2 passes", SSAMD,

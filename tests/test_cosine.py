@@ -147,9 +147,9 @@ def test_inner_max_losses_and_gaps_equal_closed_forms(quadratic, monkeypatch):
         return delta
 
     monkeypatch.setattr(optimizers, "rsam_noise", spy)
-    rhos, gamma, lam = [0.1, 0.5, 1.0], 0.2, 0.7
+    rhos, gamma, grad_weight = [0.1, 0.5, 1.0], 0.2, 0.7
     result = cosine_stability(objective, rhos, [0.0], batches=1, draws=2, batch_size=N, pga_steps=20,
-                              rsam_gamma=gamma, rsam_lam=lam)
+                              rsam_gamma=gamma, rsam_grad_weight=grad_weight)
     quad = Quadratic(a, y)
     g = quad.grad(theta)
     sam = [quad.loss(theta + rho * g / np.linalg.norm(g)) for rho in rhos]
@@ -159,7 +159,7 @@ def test_inner_max_losses_and_gaps_equal_closed_forms(quadratic, monkeypatch):
     assert len(drawn) == 2
     rsam = []
     for delta in drawn:
-        direction = delta + lam * quad.grad(theta + delta)
+        direction = delta + grad_weight * quad.grad(theta + delta)
         rsam.append([quad.loss(theta + rho * direction / np.linalg.norm(direction)) for rho in rhos])
     assert_close(result["loss_rsam"], np.mean(rsam, axis=0), what="R-SAM loss")
     assert_close(result["loss_rsam_std"], np.std(rsam, axis=0), atol=1e-9, what="R-SAM loss std")
@@ -295,7 +295,7 @@ def test_cli_cosine_writes_the_group_and_prints_tables(checkpoint, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("--rhos", "a,b"), "--rhos"), (("--rhos", "0:1"), "LO:HI:N"), (("--rhos=-1,0.5",), "rhos"),
     (("--gammas2", "x"), "--gammas2"), (("--batches", "20", "--batch-size", "128"), "need 2560 examples"),
-    (("--noise", "pink"), "noise"),
+    (("--noise", "pink"), "noise"), (("--rsam-lam", "0.5"), "--rsam-lam is now called --rsam-grad-weight"),
 ])
 def test_cli_cosine_bad_input_is_one_line_exit_2(checkpoint, tmp_path, args, message):
     run = invoke("cosine", checkpoint, "--out", tmp_path / "x.h5", "--batches", "1", *args)

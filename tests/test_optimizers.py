@@ -268,7 +268,7 @@ def test_rsam_steps_match_reference():
         delta0 = {n: 0.02 * row_norms(v).sqrt() * z[n] for n, v in w.items()}
         v = add(delta0, grad(loss)(add(w, delta0), x, y), 0.5)
         return grad(loss)(add(w, v, 0.05 / global_norm(v)), x, y)
-    run_against_reference("rsam", direction, steps=3, gamma=0.02, lam=0.5)
+    run_against_reference("rsam", direction, steps=3, gamma=0.02, grad_weight=0.5)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -299,7 +299,7 @@ def test_mrwp_with_two_batches_matches_reference(name):
     model = tiny_net()
     loss, (x1, y1), (x2, y2) = functional_loss(model), batch(1), batch(2)
     replay, history = torch.Generator().manual_seed(SEED), {n: torch.zeros(()) for n in weights(model)}
-    opt = O.create(name, model.parameters(), seed=SEED, sigma=0.05, sigma_schedule="constant", lam=0.3,
+    opt = O.create(name, model.parameters(), seed=SEED, sigma=0.05, sigma_schedule="constant", perturbed_weight=0.3,
                    **BASE)
 
     def closure(ctx):
@@ -630,7 +630,7 @@ def test_registry_names_aliases_and_base_optimizers():
     assert [info.name for info in O.list_optimizers("m-*rwp")] == ["mrwp", "marwp"]
     model = tiny_net()
     opt = O.create("M-RWP", model.parameters(), total_steps=3, base="adamw")
-    assert isinstance(opt.base, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 3e-3 and opt.lam == 0.5
+    assert isinstance(opt.base, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 3e-3 and opt.perturbed_weight == 0.5
     assert isinstance(O.create("asam", model.parameters()).base, torch.optim.SGD)
     with pytest.raises(ValueError, match="unknown optimizer 'lion'; use one of sgd, adamw, sam, asam, rsam, rwp"):
         O.create("lion", model.parameters())
@@ -659,7 +659,9 @@ def test_optimizers_listing_says_which_sigma_and_history_choices_are_the_papers_
     ("sam", {"max_grad_norm": 0}, "max_grad_norm"), ("sam", {"base": "nope"}, "base"),
     ("sam", {"nesterov_typo": True}, "SGD"), ("rsam", {"gamma": -1}, "gamma"),
     ("rwp", {}, "total_steps"), ("rwp", {"total_steps": 5, "sigma_schedule": "linear"}, "sigma_schedule"),
-    ("mrwp", {"total_steps": 5, "lam": 0.0}, "lam"), ("arwp", {"total_steps": 5, "beta": 2}, "beta"),
+    ("mrwp", {"total_steps": 5, "perturbed_weight": 0.0}, "perturbed_weight"),
+    ("rsam", {"lam": 0.5}, "lam= is now called grad_weight="),
+    ("mrwp", {"total_steps": 5, "lam": 0.5}, "lam= is now called perturbed_weight="), ("arwp", {"total_steps": 5, "beta": 2}, "beta"),
     ("ssamd", {"total_steps": 5, "sparsity": 1.0}, "sparsity"), ("ssamd", {}, "total_steps"),
     ("ssamd", {"total_steps": 5, "drop_rate": 1.5}, "drop_rate"), ("ssamf", {}, "fisher_data"),
     ("ssamd", {"total_steps": 5, "refresh": 0}, "refresh"), ("sgd", {"betas": (0.9, 0.9)}, "sgd"),

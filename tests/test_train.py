@@ -71,6 +71,7 @@ def test_train_command_writes_a_checkpoint_with_the_optimizer_settings(tmp_path)
     (["--arch-kwargs", "{bad"], "JSON"),
     (["--data", "nope"], "dataset"),
     (["--optimizer", "rwp", "--opt-args", "sigma_schedule=linear"], "sigma_schedule"),
+    (["--optimizer", "rsam", "--opt-args", "lam=0.5"], "lam= is now called grad_weight="),
 ])
 def test_train_command_bad_input_is_one_line_with_exit_code_2(tmp_path, arguments, words):
     result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path / "x.pt"), *arguments])
