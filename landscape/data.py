@@ -26,12 +26,13 @@ Inputs are float32 tensors, labels int64. The number of classes of ``npz`` and u
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -171,6 +172,28 @@ def names_code(spec: str, schemes: tuple[str, ...] = ()) -> bool:
     return ":" in spec and spec.partition(":")[0] not in schemes
 
 
+@contextlib.contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """Append the current directory to ``sys.path`` for the duration, unless it is there already.
+
+    On exit, however the block ends, exactly the entry added here goes again (found by identity), so
+    ``sys.path`` is left as the block left it: an equal entry that the imported code added stays, and
+    one it removed is not removed twice.
+    """
+    cwd = os.getcwd()
+    if cwd in sys.path:
+        yield
+        return
+    sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        for index in reversed(range(len(sys.path))):
+            if sys.path[index] is cwd:
+                del sys.path[index]
+                break
+
+
 def import_function(spec: str, what: str, alternatives: str) -> Callable:
     """Import ``function`` from ``module`` for a ``"module:function"`` spec (current directory included).
 
@@ -178,20 +201,14 @@ def import_function(spec: str, what: str, alternatives: str) -> Callable:
     accepted forms offered as a fix.
     """
     module_name, _, function_name = spec.partition(":")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.append(cwd)
     try:
-        module = importlib.import_module(module_name)
+        with _current_directory_importable():
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name != module_name and not module_name.startswith(f"{error.name}."):
             raise  # the user's module itself failed to import one of its dependencies
         raise LandscapeError(f"cannot import module '{module_name}' for {what} '{spec}'; make it importable "
                              f"(run from its folder or add it to PYTHONPATH), or use {alternatives}") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
     function = getattr(module, function_name, None)
     if not callable(function):
         raise LandscapeError(f"module '{module_name}' has no function '{function_name}' for {what} '{spec}'; "
