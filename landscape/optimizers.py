@@ -1,8 +1,7 @@
 """Sharpness-aware optimizers and the pure perturbation rules they use.
 
 The rules (``sam_perturbation``, ``asam_scale``, ``rsam_noise``, ``rsam_perturbation``,
-``filterwise_noise``, ``arwp_history_update``, ``fisher_mask``, ``dynamic_mask_update``,
-``empirical_fisher``) are pure functions on sequences of tensors; the analyses reuse them so a
+``filterwise_noise``, ``arwp_history_update``, ``fisher_mask``, ``dynamic_mask_update``) are pure functions on sequences of tensors; the analyses reuse them so a
 diagnostic measures exactly what an optimizer does. Formulas follow ``shared/PAPERS.md``. A
 *filter* is a slice along dim 0 of a tensor with ndim >= 2; a tensor with fewer dimensions is
 one filter (as :func:`landscape.params.filter_norms`).
@@ -34,11 +33,9 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from landscape.objective import batchnorm_mode, per_example_gradients
+from landscape.objective import batchnorm_mode, empirical_fisher
 from landscape.params import (filter_norms, filter_square_sums, flat_cat, global_norm, is_filtered, per_entry,
                               per_filter, split_like)
 from landscape.registry import Registry
@@ -266,32 +263,6 @@ def dynamic_mask_update(mask: Sequence[Tensor], grads: Sequence[Tensor], num_dro
         new_mask[torch.topk(drop_score, num_drop, largest=False).indices] = False
         new_mask[torch.topk(grow_score, num_drop).indices] = True
     return [m.view_as(t) for m, t in zip(torch.split(new_mask, [t.numel() for t in mask]), mask)]
-
-
-def empirical_fisher(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor,
-                     chunk_size: int = 64) -> dict[str, Tensor]:
-    """Diagonal empirical Fisher (1/N) sum_i (d/dw log p_w(y_i | x_i))^2 over N examples.
-
-    Per-sample gradients of the cross-entropy come from
-    :func:`~landscape.objective.per_example_gradients` (``torch.func.vmap`` over ``grad``) with
-    BatchNorm in eval mode (running statistics; no buffer changes), ``chunk_size`` examples at a
-    time. ``params`` maps model parameter names to the weights to evaluate at (others are held
-    at the model's values). Returns tensors shaped like ``params``; the model is not changed.
-    """
-    _check_count("chunk_size", chunk_size, "examples per vmap chunk")
-    weights = {name: t.detach() for name, t in params.items()}
-    fixed = {name: p.detach() for name, p in model.named_parameters() if name not in weights}
-    buffers = dict(model.named_buffers())
-
-    def loss(trainable: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(model, ({**fixed, **trainable}, buffers), (x,)), y)
-
-    total = {name: torch.zeros_like(t) for name, t in weights.items()}
-    with batchnorm_mode(model, "eval"):
-        for grads in per_example_gradients(loss, weights, inputs, targets, chunk_size):
-            for name in total:
-                total[name] += grads[name].square().sum(0)
-    return {name: t / inputs.shape[0] for name, t in total.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -594,7 +565,8 @@ class _SparseSAM(SAM):
 class SSAMF(_SparseSAM):
     """SSAM-F: the mask keeps the top (1 - s) d entries of the empirical Fisher diagonal.
 
-    Every ``refresh`` steps (from step 0) the Fisher is computed by :func:`empirical_fisher` at w
+    Every ``refresh`` steps (from step 0) the Fisher is computed by
+    :func:`~landscape.objective.empirical_fisher` at w
     over ``num_samples`` examples drawn without replacement from ``fisher_data = (x, y)`` with the
     optimizer's generator (per-sample gradients via vmap, BatchNorm in eval mode). ``model`` is
     required and must own the parameters. Closure calls per step: 2.

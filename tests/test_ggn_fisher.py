@@ -26,8 +26,7 @@ from landscape.analysis.hessian import HessianResult, hessian_spectrum, paramete
 from landscape.curvature.fisher import EmpiricalFisherOperator
 from landscape.curvature.ggn import GGNOperator
 from landscape.errors import LandscapeError
-from landscape.objective import Objective
-from landscape.optimizers import empirical_fisher
+from landscape.objective import Objective, empirical_fisher
 from test_hessian import assert_close, make_model, sub_block
 
 N = 48
