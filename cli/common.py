@@ -13,7 +13,8 @@ F = Callable[..., Any]
 COORDINATE_BYTES = 64  # memory per grid coordinate: the array, the Python float in the config list, its JSON
 
 
-def _compose(*decorators: F) -> Callable[[F], F]:
+def compose(*decorators: F) -> Callable[[F], F]:
+    """One decorator applying ``decorators`` as if stacked in this order above a function."""
     def apply(function: F) -> F:
         for decorator in reversed(decorators):
             function = decorator(function)
@@ -50,7 +51,7 @@ def parse_json_object(ctx: click.Context, param: click.Parameter, value: str | N
 trust_option = click.option("--trust", is_flag=True, default=False,
                             help="Allow loading pickled modules/TorchScript and module:function names recorded in "
                                  "the file (runs code from the file: only for files you trust).")
-arch_options = _compose(
+arch_options = compose(
     click.option("--arch", default=None, metavar="NAME|module:function",
                  help="Architecture for foreign checkpoints (see `landscape models`)."),
     click.option("--arch-kwargs", default=None, callback=parse_json_object, metavar="JSON",
@@ -63,7 +64,7 @@ def eval_options(default_subset: int | None = None, default_bn: str = "eval", de
                  batch_help: str = "Examples per forward pass (does not change the result).",
                  splits: tuple[str, ...] = ("train", "test"),
                  split_help: str = "Which split the evaluation set comes from.") -> Callable[[F], F]:
-    return _compose(
+    return compose(
         click.option("--split", default="train", show_default=True, type=click.Choice(list(splits)), help=split_help),
         click.option("--subset", default=default_subset, show_default=True, type=click.IntRange(min=1),
                      help="Use a fixed, seeded subset of N examples (recorded in the results)."),
@@ -76,7 +77,15 @@ def eval_options(default_subset: int | None = None, default_bn: str = "eval", de
     )
 
 
-overwrite_options = _compose(
+def renamed_option(old: str, new: str) -> Callable[[F], F]:
+    """A hidden option ``old`` that is refused in one line naming ``new``, its name since it was renamed."""
+    def refuse(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        if value is not None:
+            raise click.UsageError(f"{old} is now called {new}; pass {new} {value}")
+    return click.option(old, hidden=True, expose_value=False, callback=refuse)
+
+
+overwrite_options = compose(
     click.option("--overwrite", is_flag=True, default=False, help="Replace an existing result group."),
     click.option("--resume", is_flag=True, default=False, help="Continue an interrupted run."),
 )
@@ -140,13 +149,18 @@ def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0):
                 dynamic_ncols=True, leave=False)
 
 
+def require_matches(entries: list, what: str, pattern: str | None) -> None:
+    """Refuse an empty listing of ``what`` (e.g. ``"model"``) for the glob ``pattern`` in one line."""
+    from landscape.errors import LandscapeError
+    if not entries:
+        raise LandscapeError(f"no {what} matches '{pattern}'; run `landscape {what}s` to see all names")
+
+
 def echo_registry(entries: list, what: str, pattern: str | None, label: str) -> None:
     """Print registry entries (``name``, ``description``, ``defaults``) with their ``label`` line."""
     import json
 
-    from landscape.errors import LandscapeError
-    if not entries:
-        raise LandscapeError(f"no {what} matches '{pattern}'; run `landscape {what}s` to see all names")
+    require_matches(entries, what, pattern)
     width = max(len(entry.name) for entry in entries)
     for entry in entries:
         values = ", ".join(f"{key}={json.dumps(value)}" for key, value in entry.defaults.items())

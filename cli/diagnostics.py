@@ -9,6 +9,7 @@ import click
 from landscape.cli.common import (
     already_done,
     arch_options,
+    compose,
     data_option,
     device_option,
     eval_options,
@@ -18,6 +19,7 @@ from landscape.cli.common import (
     parse_floats,
     parse_grid,
     progress,
+    renamed_option,
     seed_option,
 )
 
@@ -30,19 +32,20 @@ def parse_bins(text: str) -> list[float]:
     return [float(v) for v in parse_grid(text, "--bins", example="-8:4:120")]
 
 
+_rsam_grad_weight_options = compose(
+    click.option("--rsam-grad-weight", default=None, type=float,
+                 help="R-SAM's weight a of the gradient in δ0 + a g (the paper's λ) "
+                      "[default: the rsam optimizer's]."),
+    renamed_option("--rsam-lam", "--rsam-grad-weight"))
 _minibatch_options = eval_options(
     default_bn="train", default_batch_size=128,
     batch_help="Minibatch size; both gradients of every pair use the same minibatch (changes the result).")
 
 
 def _shared(default_out: str) -> Callable[[Callable], Callable]:
-    def apply(function: Callable) -> Callable:
-        for decorator in reversed((click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False)),
-                                   data_option, _minibatch_options, arch_options, device_option, seed_option,
-                                   out_option(default_out), overwrite_options)):
-            function = decorator(function)
-        return function
-    return apply
+    return compose(click.argument("checkpoint", type=click.Path(exists=True, dir_okay=False)), data_option,
+                   _minibatch_options, arch_options, device_option, seed_option, out_option(default_out),
+                   overwrite_options)
 
 
 def _cell(mean: float, std: float) -> str:
@@ -68,7 +71,7 @@ def print_cosine(result: Any) -> None:
     _echo_table(["rho", *gammas], [[f"{rho:.3f}", *(_cell(a["perturbed_loss"][g, i], a["perturbed_loss_std"][g, i])
                                                     for g in range(len(gammas)))] for i, rho in enumerate(a["rhos"])])
     click.echo(f"\ninner maximisation on the ρ-ball (PGA: best of {config['pga_steps']} projected ascent steps "
-               f"from SAM's point; R-SAM γ={config['rsam_gamma']:g}, λ={config['rsam_lam']:g}):")
+               f"from SAM's point; R-SAM γ={config['rsam_gamma']:g}, grad_weight={config['rsam_grad_weight']:g}):")
     keys = ["loss_sam", "loss_rsam", "loss_pga", "gap_sam", "gap_rsam"]
     _echo_table(["rho", "L_SAM", "L_R-SAM", "L_PGA", "PGA-SAM", "PGA-R-SAM"],
                 [[f"{rho:.3f}", *(_cell(a[k][i], a[f"{k}_std"][i]) for k in keys)] for i, rho in enumerate(a["rhos"])])
@@ -105,9 +108,9 @@ def print_ratio(result: Any) -> None:
               help="PGA step length as a fraction of ρ (along the normalised gradient, then projection on the ball).")
 @click.option("--rsam-gamma", default=None, type=float,
               help="R-SAM's γ for its randomised ascent [default: the rsam optimizer's].")
-@click.option("--rsam-lam", default=None, type=float, help="R-SAM's λ [default: the rsam optimizer's].")
+@_rsam_grad_weight_options
 def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, draws: int, pga_steps: int,
-           pga_step: float, rsam_gamma: float | None, rsam_lam: float | None, out: str, overwrite: bool,
+           pga_step: float, rsam_gamma: float | None, rsam_grad_weight: float | None, out: str, overwrite: bool,
            resume: bool, seed: int, **options: Any) -> None:
     """Gradient cosine stability and perturbed loss versus ρ (R-SAM Figs. 1-2), and the
     inner-maximisation gap of SAM's and R-SAM's one-step ascent against projected gradient ascent.
@@ -127,7 +130,7 @@ def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, d
 
     rho_values, gamma_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")], parse_floats(gammas2, "--gammas2")
     objective = objective_from_options(checkpoint, seed=seed, **options)
-    given = {"rsam_gamma": rsam_gamma, "rsam_lam": rsam_lam}  # (the defaults are the optimizer's)
+    given = {"rsam_gamma": rsam_gamma, "rsam_grad_weight": rsam_grad_weight}  # (the defaults are the optimizer's)
     asked = {"rhos": rho_values, "gammas2": gamma_values, "noise": noise, "batches": batches, "draws": draws,
              "bn": options["bn"], "pga_steps": pga_steps, "pga_step": pga_step,
              **{key: value for key, value in given.items() if value is not None}}
@@ -136,8 +139,8 @@ def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, d
         return
     result = cosine_stability(objective, rho_values, gamma_values, noise=noise, batches=batches, draws=draws,
                               batch_size=options["batch_size"], bn=options["bn"], pga_steps=pga_steps,
-                              pga_step=pga_step, rsam_gamma=rsam_gamma, rsam_lam=rsam_lam, seed=seed,
-                              progress=progress)
+                              pga_step=pga_step, rsam_gamma=rsam_gamma, rsam_grad_weight=rsam_grad_weight,
+                              seed=seed, progress=progress)
     result.save(out, overwrite=overwrite)
     print_cosine(result)
     click.echo(f"\nwrote {out} /cosine")
@@ -154,9 +157,9 @@ def cosine(checkpoint: str, rhos: str, gammas2: str, noise: str, batches: int, d
               help="Histogram of r: LO:HI:N (N equal bins) or a list of edges; outside values are counted apart.")
 @click.option("--asam-eta", default=None, type=float, help="ASAM's η [default: the asam optimizer's].")
 @click.option("--rsam-gamma", default=None, type=float, help="R-SAM's γ [default: the rsam optimizer's].")
-@click.option("--rsam-lam", default=None, type=float, help="R-SAM's λ [default: the rsam optimizer's].")
+@_rsam_grad_weight_options
 def ratio(checkpoint: str, rhos: str, perturbation: str, batches: int, bins: str, asam_eta: float | None,
-          rsam_gamma: float | None, rsam_lam: float | None, out: str, overwrite: bool, resume: bool, seed: int,
+          rsam_gamma: float | None, rsam_grad_weight: float | None, out: str, overwrite: bool, resume: bool, seed: int,
           **options: Any) -> None:
     """Histograms of r = log10|(g_SAM - g_SGD)/g_SGD| per parameter entry (SSAM Fig. 1).
 
@@ -176,7 +179,8 @@ def ratio(checkpoint: str, rhos: str, perturbation: str, batches: int, bins: str
     rho_values = [float(v) for v in parse_grid(rhos, "--rhos", example="0:1:21")]
     edges = parse_bins(bins)
     objective = objective_from_options(checkpoint, seed=seed, **options)
-    given = {"asam_eta": asam_eta, "rsam_gamma": rsam_gamma, "rsam_lam": rsam_lam}  # (the defaults are the optimizer's)
+    given = {"asam_eta": asam_eta, "rsam_gamma": rsam_gamma,  # (the defaults are the optimizer's)
+             "rsam_grad_weight": rsam_grad_weight}
     asked = {"rhos": rho_values, "perturbation": perturbation, "batches": batches, "bin_edges": edges,
              "bn": options["bn"], **{key: value for key, value in given.items() if value is not None}}
     if already_done(out, "ratio", overwrite, resume, objective, seed, asked):
@@ -184,7 +188,7 @@ def ratio(checkpoint: str, rhos: str, perturbation: str, batches: int, bins: str
         return
     result = gradient_ratio(objective, rho_values, perturbation=perturbation, batches=batches,
                             batch_size=options["batch_size"], bin_edges=edges, bn=options["bn"], asam_eta=asam_eta,
-                            rsam_gamma=rsam_gamma, rsam_lam=rsam_lam, seed=seed, progress=progress)
+                            rsam_gamma=rsam_gamma, rsam_grad_weight=rsam_grad_weight, seed=seed, progress=progress)
     result.save(out, overwrite=overwrite)
     print_ratio(result)
     click.echo(f"\nwrote {out} /ratio")

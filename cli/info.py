@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from landscape.cli.common import echo_registry, trust_option
+from landscape.cli.common import echo_registry, require_matches, trust_option
 
 from landscape.errors import LandscapeError
 
@@ -120,17 +120,21 @@ def models(pattern: str | None) -> None:
 
 
 @click.command()
-def datasets() -> None:
-    """List the accepted dataset specs (for --data).
+@click.argument("pattern", required=False)
+def datasets(pattern: str | None) -> None:
+    """List the accepted dataset specs (for --data), optionally the built-in kinds matching a glob.
 
     \b
-    Example:
+    Examples:
+      landscape datasets
+      landscape datasets 'cifar*'
       landscape train --data cifar10:~/data --arch resnet18 --out runs/r18.pt
-    Python: landscape.list_datasets() ; landscape.load_dataset("digits")
+    Python: landscape.list_datasets("cifar*") ; landscape.load_dataset("digits")
     """
     from landscape.data import list_datasets
 
-    forms = list_datasets()
+    forms = list_datasets(pattern)
+    require_matches(forms, "dataset", pattern)
     width = max(len(form) for form, _ in forms)
     for form, description in forms:
         click.echo(f"{form:<{width}}  {description}")

@@ -26,13 +26,14 @@ Inputs are float32 tensors, labels int64. The number of classes of ``npz`` and u
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import pickle
 import re
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch
 from torch import Tensor
 
 from landscape.errors import LandscapeError
+from landscape.registry import Registry
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 DIGITS_TEST_FRACTION = 0.2
@@ -56,15 +58,7 @@ CIFAR_LAYOUT = {
     "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100),
 }
 
-DATASET_FORMS = [
-    ("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), stratified 80/20 split by seed"),
-    ("cifar10:PATH", "CIFAR-10 python-pickle folder (cifar-10-batches-py) or its parent"),
-    ("cifar100:PATH", "CIFAR-100 python-pickle folder (cifar-100-python) or its parent, fine labels"),
-    ("npz:PATH", "NumPy .npz with arrays x, y and optionally x_test, y_test"),
-    ("module:function", "user code: function() returns a Dataset, (x, y) or (x, y, x_test, y_test)"),
-]
-
-DATASET_SCHEMES = ("digits", "npz", *CIFAR_LAYOUT)  # spec prefixes that name built-in readers, never code
+USER_FORM = ("module:function", "user code: function() returns a Dataset, (x, y) or (x, y, x_test, y_test)")
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
 
@@ -96,21 +90,51 @@ class Dataset:
         raise LandscapeError(f"unknown split '{which}'; use 'train' or 'test'")
 
 
-def list_datasets() -> list[tuple[str, str]]:
-    """Accepted dataset spec forms as ``(form, description)`` pairs."""
-    return list(DATASET_FORMS)
+@dataclass(frozen=True)
+class DatasetKind:
+    """A built-in reader: its name (the spec's prefix), a description, whether the spec carries a
+    path (``name:PATH``) and ``load(spec, path, seed)``, with ``path`` a :class:`Path` or None."""
+
+    name: str
+    description: str
+    takes_path: bool
+    load: Callable[[str, Path | None, int], Dataset] = field(repr=False)
+
+    @property
+    def form(self) -> str:
+        """The spec form, e.g. ``cifar10:PATH``."""
+        return f"{self.name}:PATH" if self.takes_path else self.name
+
+
+DATASETS: Registry[DatasetKind] = Registry("dataset kind")
+
+
+def register(name: str, description: str, takes_path: bool = True) -> Callable:
+    """Decorator adding ``load(spec, path, seed) -> Dataset`` to :data:`DATASETS` as the spec
+    ``name:PATH`` (``name`` alone without ``takes_path``). A name registered before is refused."""
+
+    def add(load: Callable[[str, Path | None, int], Dataset]) -> Callable[[str, Path | None, int], Dataset]:
+        DATASETS.register(name, DatasetKind(name, description, takes_path, load))
+        return load
+
+    return add
+
+
+def list_datasets(pattern: str | None = None) -> list[tuple[str, str]]:
+    """Accepted dataset spec forms as ``(form, description)`` pairs: the built-in kinds whose name matches
+    the glob ``pattern`` (all if None), then ``module:function`` (only without a pattern)."""
+    forms = [(kind.form, kind.description) for kind in DATASETS.list(pattern)]
+    return forms if pattern is not None else [*forms, USER_FORM]
 
 
 def load_dataset(spec: str = "digits", seed: int = 0) -> Dataset:
     """Load the dataset named by ``spec``; ``seed`` picks the digits train/test split."""
-    kind, _, path = spec.partition(":")
-    if spec == "digits":
-        return _load_digits(seed)
-    if kind in CIFAR_LAYOUT and path:
-        return _load_cifar(spec, kind, Path(path).expanduser())
-    if kind == "npz" and path:
-        return _load_npz(spec, Path(path).expanduser())
-    if names_code(spec, DATASET_SCHEMES) and _FUNCTION_SPEC.match(spec):
+    name, colon, path = spec.partition(":")
+    if name in DATASETS:
+        kind = DATASETS.get(name)
+        if kind.takes_path == bool(path):
+            return kind.load(spec, Path(path).expanduser() if path else None, seed)
+    elif names_code(spec, DATASET_SCHEMES) and _FUNCTION_SPEC.match(spec):
         return _load_user(spec)
     raise LandscapeError(f"unknown dataset spec '{spec}'; use one of: {_forms()}")
 
@@ -135,7 +159,7 @@ def eval_subset(x: Tensor, y: Tensor, subset: int | None, seed: int) -> tuple[Te
 
 def _forms() -> str:
     """The accepted spec forms, comma-separated, for error messages."""
-    return ", ".join(form for form, _ in DATASET_FORMS)
+    return ", ".join(form for form, _ in list_datasets())
 
 
 def names_code(spec: str, schemes: tuple[str, ...] = ()) -> bool:
@@ -148,6 +172,28 @@ def names_code(spec: str, schemes: tuple[str, ...] = ()) -> bool:
     return ":" in spec and spec.partition(":")[0] not in schemes
 
 
+@contextlib.contextmanager
+def _current_directory_importable() -> Iterator[None]:
+    """Append the current directory to ``sys.path`` for the duration, unless it is there already.
+
+    On exit, however the block ends, exactly the entry added here goes again (found by identity), so
+    ``sys.path`` is left as the block left it: an equal entry that the imported code added stays, and
+    one it removed is not removed twice.
+    """
+    cwd = os.getcwd()
+    if cwd in sys.path:
+        yield
+        return
+    sys.path.append(cwd)
+    try:
+        yield
+    finally:
+        for index in reversed(range(len(sys.path))):
+            if sys.path[index] is cwd:
+                del sys.path[index]
+                break
+
+
 def import_function(spec: str, what: str, alternatives: str) -> Callable:
     """Import ``function`` from ``module`` for a ``"module:function"`` spec (current directory included).
 
@@ -155,20 +201,14 @@ def import_function(spec: str, what: str, alternatives: str) -> Callable:
     accepted forms offered as a fix.
     """
     module_name, _, function_name = spec.partition(":")
-    cwd = os.getcwd()
-    added = cwd not in sys.path
-    if added:
-        sys.path.append(cwd)
     try:
-        module = importlib.import_module(module_name)
+        with _current_directory_importable():
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
         if error.name != module_name and not module_name.startswith(f"{error.name}."):
             raise  # the user's module itself failed to import one of its dependencies
         raise LandscapeError(f"cannot import module '{module_name}' for {what} '{spec}'; make it importable "
                              f"(run from its folder or add it to PYTHONPATH), or use {alternatives}") from None
-    finally:
-        if added:
-            sys.path.remove(cwd)
     function = getattr(module, function_name, None)
     if not callable(function):
         raise LandscapeError(f"module '{module_name}' has no function '{function_name}' for {what} '{spec}'; "
@@ -217,7 +257,9 @@ def _labels(y, spec: str) -> Tensor:
     return y
 
 
-def _load_digits(seed: int) -> Dataset:
+@register("digits", "scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), stratified 80/20 split by seed",
+          takes_path=False)
+def _load_digits(spec: str, path: Path | None, seed: int) -> Dataset:
     """scikit-learn digits, standardised with train-split statistics, stratified split by ``seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
@@ -281,6 +323,16 @@ def _cifar_folder(path: Path, kind: str) -> Path:
                          f"'{path / folder_name}'); point {kind}:PATH at the extracted '{folder_name}' folder")
 
 
+@register("cifar10", "CIFAR-10 python-pickle folder (cifar-10-batches-py) or its parent")
+def _load_cifar10(spec: str, path: Path, seed: int) -> Dataset:
+    return _load_cifar(spec, "cifar10", path)
+
+
+@register("cifar100", "CIFAR-100 python-pickle folder (cifar-100-python) or its parent, fine labels")
+def _load_cifar100(spec: str, path: Path, seed: int) -> Dataset:
+    return _load_cifar(spec, "cifar100", path)
+
+
 def _load_cifar(spec: str, kind: str, path: Path) -> Dataset:
     """CIFAR-10/100 from the python-pickle folder, normalised with the published channel stats."""
     _, train_files, test_file, label_key, num_classes = CIFAR_LAYOUT[kind]
@@ -301,7 +353,8 @@ def _load_cifar(spec: str, kind: str, path: Path) -> Dataset:
     return _dataset(spec, kind, (x_train, y_train, normalise(x_test), y_test), num_classes)
 
 
-def _load_npz(spec: str, path: Path) -> Dataset:
+@register("npz", "NumPy .npz with arrays x, y and optionally x_test, y_test")
+def _load_npz(spec: str, path: Path, seed: int) -> Dataset:
     """Arrays ``x``, ``y`` (and optionally ``x_test``, ``y_test``) from an ``.npz`` file."""
     if not path.is_file():
         raise LandscapeError(f"npz file '{path}' does not exist; check the path in npz:PATH")
@@ -327,3 +380,6 @@ def _load_user(spec: str) -> Dataset:
         return _dataset(spec, spec.partition(":")[2], tuple(returned))
     raise LandscapeError(f"dataset function '{spec}' returned {type(returned).__name__}; return a "
                          "landscape.data.Dataset, a tuple (x, y) or a tuple (x, y, x_test, y_test)")
+
+
+DATASET_SCHEMES = tuple(DATASETS.names())  # spec prefixes that name built-in readers, never code

@@ -1,8 +1,8 @@
 """Stored results in other tools' formats: ``export(results, fmt, out, **options)``.
 
-``FORMATS`` is the registry of formats: a name, a one-line description, the suffix of the files it
-writes, the options it takes, and ``write(results, out, **options)``, which reads what it needs from
-the results file and writes ``out``. A new format is one function decorated with :func:`register`;
+``FORMATS`` is the registry of formats (a :class:`~landscape.registry.Registry`): a name, a one-line
+description, the suffix of the files it writes, the options it takes, and ``write(results, out, **options)``,
+which reads what it needs from the results file and writes ``out``. A new format is one function decorated with :func:`register`;
 the ``landscape export`` command offers every registered format.
 
 ``tg``: the surface file of Li et al.'s loss-landscape code (github.com/tomgoldstein/loss-landscape),
@@ -46,6 +46,7 @@ import numpy as np
 
 from landscape.errors import LandscapeError
 from landscape.plotting.surface_data import metric as surface_metric
+from landscape.registry import Registry
 from landscape.store import read_group
 
 Writer = Callable[..., None]  # (results file, output file, **options)
@@ -64,13 +65,13 @@ class ExportFormat:
     write: Writer
 
 
-FORMATS: dict[str, ExportFormat] = {}
+FORMATS: Registry[ExportFormat] = Registry("export format")
 
 
 def register(name: str, description: str, suffix: str, options: tuple[str, ...] = ()) -> Callable[[Writer], Writer]:
-    """Decorator: register ``write(results, out, **options)`` as the export format ``name``."""
+    """Decorator: register ``write(results, out, **options)`` as the export format ``name`` (once)."""
     def add(write: Writer) -> Writer:
-        FORMATS[name] = ExportFormat(name, description, suffix, options, write)
+        FORMATS.register(name, ExportFormat(name, description, suffix, options, write))
         return write
     return add
 
@@ -78,13 +79,7 @@ def register(name: str, description: str, suffix: str, options: tuple[str, ...] 
 def default_path(results: str | Path, fmt: str) -> Path:
     """``<results stem>_<fmt><suffix>`` next to the results file, e.g. ``runs/sam_tg.h5``."""
     results = Path(results)
-    return results.with_name(f"{results.stem}_{fmt}{_format(fmt).suffix}")
-
-
-def _format(fmt: str) -> ExportFormat:
-    if fmt not in FORMATS:
-        raise LandscapeError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    return FORMATS[fmt]
+    return results.with_name(f"{results.stem}_{fmt}{FORMATS.get(fmt).suffix}")
 
 
 def export(results: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False,
@@ -96,7 +91,7 @@ def export(results: str | Path, fmt: str, out: str | Path | None = None, *, over
     under a temporary name, then renamed). An existing ``out`` is replaced only with ``overwrite``.
     Returns the path written.
     """
-    entry = _format(fmt)
+    entry = FORMATS.get(fmt)
     given = {key: value for key, value in options.items() if value is not None and value is not False}
     for key in given:
         if key not in entry.options:

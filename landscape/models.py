@@ -9,7 +9,6 @@ BN-free ResNet starts as a well-conditioned near-identity map.
 
 from __future__ import annotations
 
-import fnmatch
 import inspect
 import json
 import math
@@ -22,31 +21,34 @@ from torch import nn
 
 from landscape.data import import_function, names_code
 from landscape.errors import LandscapeError
+from landscape.registry import Registry
 
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """A registered architecture: its name, a one-line description and its keyword defaults."""
+    """A registered architecture: its name, a one-line description, its keyword defaults and
+    ``builder(num_classes, input_shape, **options)``."""
 
     name: str
     description: str
-    defaults: dict = field(default_factory=dict)
+    defaults: dict
+    builder: Callable[..., nn.Module] = field(repr=False)
 
 
-_REGISTRY: dict[str, tuple[ModelInfo, Callable[..., nn.Module]]] = {}
+MODELS: Registry[ModelInfo] = Registry("model", hint=" or module:function for your own", sort=True)
 
 
 def register(name: str, description: str) -> Callable:
-    """Decorator adding ``builder(num_classes, input_shape, **options)`` to the registry.
+    """Decorator adding ``builder(num_classes, input_shape, **options)`` to :data:`MODELS`.
 
     The options and their defaults are read from the builder's signature; a default's type
-    says what a value must be (see :func:`_check_option`).
+    says what a value must be (see :func:`_check_option`). A name registered before is refused.
     """
 
     def add(builder: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         options = list(inspect.signature(builder).parameters.values())[2:]
-        defaults = {option.name: option.default for option in options}
-        _REGISTRY[name] = (ModelInfo(name, description, defaults), builder)
+        MODELS.register(name, ModelInfo(name, description, {option.name: option.default for option in options},
+                                        builder))
         return builder
 
     return add
@@ -54,8 +56,7 @@ def register(name: str, description: str) -> Callable:
 
 def list_models(pattern: str | None = None) -> list[ModelInfo]:
     """Registered architectures, sorted by name, optionally filtered by a glob (e.g. ``"res*"``)."""
-    return [info for name, (info, _) in sorted(_REGISTRY.items())
-            if pattern is None or fnmatch.fnmatch(name, pattern)]
+    return MODELS.list(pattern)
 
 
 def build_model(name: str, num_classes: int = 10, input_shape: tuple = (1, 8, 8), **kwargs) -> nn.Module:
@@ -66,16 +67,13 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple = (1, 8, 8)
     builder rejects raise :class:`LandscapeError`.
     """
     if names_code(name):
-        model = _call(import_function(name, "model", f"a built-in model: {', '.join(sorted(_REGISTRY))}"),
+        model = _call(import_function(name, "model", f"a built-in model: {', '.join(MODELS.names())}"),
                       name, kwargs)
         if not isinstance(model, nn.Module):
             raise LandscapeError(f"model function '{name}' returned {type(model).__name__}; "
                                  "return a torch.nn.Module")
         return model
-    if name not in _REGISTRY:
-        raise LandscapeError(f"unknown model '{name}'; use one of {', '.join(sorted(_REGISTRY))} "
-                             "or module:function for your own")
-    info, builder = _REGISTRY[name]
+    info = MODELS.get(name)
     unknown = sorted(set(kwargs) - set(info.defaults))
     if unknown:
         raise LandscapeError(f"unknown option(s) {', '.join(unknown)} for model '{name}'; "
@@ -88,7 +86,7 @@ def build_model(name: str, num_classes: int = 10, input_shape: tuple = (1, 8, 8)
                              f"got {input_shape!r}; fix input_shape in --arch-kwargs")
     for option, value in kwargs.items():
         _check_option(name, option, value, info.defaults[option])
-    return _call(builder, name, kwargs, int(num_classes), tuple(int(size) for size in input_shape))
+    return _call(info.builder, name, kwargs, int(num_classes), tuple(int(size) for size in input_shape))
 
 
 def model_options(value: object, source: str = "--arch-kwargs") -> dict:

@@ -3,7 +3,9 @@
 Every analysis goes through an :class:`Objective`. It holds its own copy of the weights
 (``params``) and buffers, evaluates ``torch.func.functional_call`` over the evaluation set in
 fixed batches, and never changes the model: parameters, buffers and train/eval flags are
-exactly as before after any call.
+exactly as before after any call. Per-example gradients are computed here, in one place
+(:func:`per_example_gradients`), for the empirical-Fisher operator and for SSAM-F's Fisher
+diagonal (:func:`empirical_fisher`).
 """
 
 from __future__ import annotations
@@ -145,6 +147,33 @@ def per_example_gradients(loss: Callable[[Mapping[str, Tensor], Tensor, Tensor],
     gradients = vmap(grad(example_loss), in_dims=(None, 0, 0), randomness="different")
     for x, y in zip(inputs.split(chunk), targets.split(chunk)):
         yield gradients(params, x, y)
+
+
+def empirical_fisher(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor,
+                     chunk_size: int = 64) -> dict[str, Tensor]:
+    """Diagonal empirical Fisher (1/N) sum_i (d/dw log p_w(y_i | x_i))^2 over N examples, whose entries
+    SSAM-F ranks (:func:`landscape.optimizers.fisher_mask`).
+
+    Per-sample gradients of the cross-entropy come from :func:`per_example_gradients` (``torch.func.vmap``
+    over ``grad``) with BatchNorm in eval mode (running statistics; no buffer changes), ``chunk_size``
+    examples at a time. ``params`` maps model parameter names to the weights to evaluate at (others are
+    held at the model's values). Returns tensors shaped like ``params``; the model is not changed.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"invalid chunk_size: {chunk_size!r}; use a positive number of examples per vmap chunk")
+    weights = {name: t.detach() for name, t in params.items()}
+    fixed = {name: p.detach() for name, p in model.named_parameters() if name not in weights}
+    buffers = dict(model.named_buffers())
+
+    def loss(trainable: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(functional_call(model, ({**fixed, **trainable}, buffers), (x,)), y)
+
+    total = {name: torch.zeros_like(t) for name, t in weights.items()}
+    with batchnorm_mode(model, "eval"):
+        for grads in per_example_gradients(loss, weights, inputs, targets, chunk_size):
+            for name in total:
+                total[name] += grads[name].square().sum(0)
+    return {name: t / inputs.shape[0] for name, t in total.items()}
 
 
 class Objective:

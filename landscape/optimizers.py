@@ -1,8 +1,7 @@
 """Sharpness-aware optimizers and the pure perturbation rules they use.
 
 The rules (``sam_perturbation``, ``asam_scale``, ``rsam_noise``, ``rsam_perturbation``,
-``filterwise_noise``, ``arwp_history_update``, ``fisher_mask``, ``dynamic_mask_update``,
-``empirical_fisher``) are pure functions on sequences of tensors; the analyses reuse them so a
+``filterwise_noise``, ``arwp_history_update``, ``fisher_mask``, ``dynamic_mask_update``) are pure functions on sequences of tensors; the analyses reuse them so a
 diagnostic measures exactly what an optimizer does. Formulas follow ``shared/PAPERS.md``. A
 *filter* is a slice along dim 0 of a tensor with ndim >= 2; a tensor with fewer dimensions is
 one filter (as :func:`landscape.params.filter_norms`).
@@ -32,7 +31,6 @@ rank, so every rank draws the same noise. A :class:`Pass` tells the loop what ea
 from __future__ import annotations
 
 import contextlib
-import fnmatch
 import functools
 import inspect
 import math
@@ -45,12 +43,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from landscape import distributed
-from landscape.objective import batchnorm_mode, per_example_gradients
+from landscape.objective import batchnorm_mode, empirical_fisher
 from landscape.params import (filter_norms, filter_square_sums, flat_cat, global_norm, is_filtered, per_entry,
                               per_filter, split_like)
+from landscape.registry import Registry
 
 _TINY = 1e-12
 
@@ -70,6 +68,12 @@ def _check_number(name: str, value: float, low: float = 0.0, high: float = math.
         else:
             interval = f"{'>' if low_open else '>='} {low:g}"
         raise ValueError(f"invalid {name}: {value!r}; must be a number {interval}{hint}")
+
+
+def _refuse_renamed(kwargs: Mapping, old: str, new: str, method: str) -> None:
+    """ValueError naming ``new`` when the keyword arguments still use the old name ``old``."""
+    if old in kwargs:
+        raise ValueError(f"{method}'s {old}= is now called {new}=; pass {new}={kwargs[old]!r}")
 
 
 def _check_count(name: str, value: int, what: str) -> None:
@@ -169,14 +173,15 @@ def rsam_noise(weights: Sequence[Tensor], gamma: float, generator: torch.Generat
 
 
 def rsam_perturbation(delta0: Sequence[Tensor], grads: Sequence[Tensor], rho: float,
-                      lam: float) -> list[Tensor]:
-    """R-SAM's projected ascent: rho (delta0 + lam g) / ||delta0 + lam g||, g = grad at w + delta0.
+                      grad_weight: float) -> list[Tensor]:
+    """R-SAM's projected ascent: rho (delta0 + a g) / ||delta0 + a g||, g = grad at w + delta0,
+    a = ``grad_weight`` (the paper's lambda: the weight of the gradient against the random start).
 
     Returns the total perturbation from w (w_adv = w + result), on the rho-sphere.
     """
     _check_number("rho", rho)
-    _check_number("lam", lam)
-    total = torch._foreach_add(list(delta0), list(grads), alpha=lam)
+    _check_number("grad_weight", grad_weight)
+    total = torch._foreach_add(list(delta0), list(grads), alpha=grad_weight)
     return torch._foreach_mul(total, rho / global_norm(total, 2.0).clamp_min(_TINY))
 
 
@@ -268,32 +273,6 @@ def dynamic_mask_update(mask: Sequence[Tensor], grads: Sequence[Tensor], num_dro
         new_mask[torch.topk(drop_score, num_drop, largest=False).indices] = False
         new_mask[torch.topk(grow_score, num_drop).indices] = True
     return [m.view_as(t) for m, t in zip(torch.split(new_mask, [t.numel() for t in mask]), mask)]
-
-
-def empirical_fisher(model: nn.Module, params: Mapping[str, Tensor], inputs: Tensor, targets: Tensor,
-                     chunk_size: int = 64) -> dict[str, Tensor]:
-    """Diagonal empirical Fisher (1/N) sum_i (d/dw log p_w(y_i | x_i))^2 over N examples.
-
-    Per-sample gradients of the cross-entropy come from
-    :func:`~landscape.objective.per_example_gradients` (``torch.func.vmap`` over ``grad``) with
-    BatchNorm in eval mode (running statistics; no buffer changes), ``chunk_size`` examples at a
-    time. ``params`` maps model parameter names to the weights to evaluate at (others are held
-    at the model's values). Returns tensors shaped like ``params``; the model is not changed.
-    """
-    _check_count("chunk_size", chunk_size, "examples per vmap chunk")
-    weights = {name: t.detach() for name, t in params.items()}
-    fixed = {name: p.detach() for name, p in model.named_parameters() if name not in weights}
-    buffers = dict(model.named_buffers())
-
-    def loss(trainable: Mapping[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        return F.cross_entropy(functional_call(model, ({**fixed, **trainable}, buffers), (x,)), y)
-
-    total = {name: torch.zeros_like(t) for name, t in weights.items()}
-    with batchnorm_mode(model, "eval"):
-        for grads in per_example_gradients(loss, weights, inputs, targets, chunk_size):
-            for name in total:
-                total[name] += grads[name].square().sum(0)
-    return {name: t / inputs.shape[0] for name, t in total.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -667,7 +646,8 @@ class _SparseSAM(SAM):
 class SSAMF(_SparseSAM):
     """SSAM-F: the mask keeps the top (1 - s) d entries of the empirical Fisher diagonal.
 
-    Every ``refresh`` steps (from step 0) the Fisher is computed by :func:`empirical_fisher` at w
+    Every ``refresh`` steps (from step 0) the Fisher is computed by
+    :func:`~landscape.objective.empirical_fisher` at w
     over ``num_samples`` examples drawn without replacement from ``fisher_data = (x, y)`` with the
     optimizer's generator (per-sample gradients via vmap, BatchNorm in eval mode). ``model`` is
     required and must own the parameters. Closure calls per step: 2. Under torchrun every rank draws
@@ -743,24 +723,27 @@ class RSAM(_AscentMethod):
     """R-SAM (Liu et al.): random start, then a projected ascent step.
 
     Each step: delta0 = :func:`rsam_noise` (fresh draw per tensor), gradient g at w + delta0,
-    eps = :func:`rsam_perturbation` (rho (delta0 + lam g)/||delta0 + lam g||), gradient at
-    w + eps, restore w, base step. Closure calls per step: 2 (both perturbed; the first, nearest
-    to w, updates BatchNorm statistics under ``bn_stats="once"``). Returns the loss at w + delta0.
+    eps = :func:`rsam_perturbation` (rho (delta0 + a g)/||delta0 + a g||, a = ``grad_weight``, the
+    paper's lambda), gradient at w + eps, restore w, base step. Closure calls per step: 2 (both
+    perturbed; the first, nearest to w, updates BatchNorm statistics under ``bn_stats="once"``).
+    Returns the loss at w + delta0.
     """
 
-    def __init__(self, params, base="sgd", *, rho: float = 0.05, gamma: float = 0.01, lam: float = 1.0, **kwargs):
+    def __init__(self, params, base="sgd", *, rho: float = 0.05, gamma: float = 0.01, grad_weight: float = 1.0,
+                 **kwargs):
+        _refuse_renamed(kwargs, "lam", "grad_weight", "R-SAM")
         _check_number("rho", rho)
         _check_number("gamma", gamma)
-        _check_number("lam", lam)
+        _check_number("grad_weight", grad_weight)
         super().__init__(params, base, **kwargs)
-        self.rho, self.gamma, self.lam = rho, gamma, lam
+        self.rho, self.gamma, self.grad_weight = rho, gamma, grad_weight
 
     def _step(self, closure: Closure, params: list[Tensor]) -> Tensor:
         delta0 = rsam_noise(params, self.gamma, self.generator)
         self._perturb(params, delta0)
         loss, grads = self._ascent_gradient(closure, Pass(perturbed=True, sync=False), params, update_bn=True)
         self._restore(params)
-        self._perturb(params, rsam_perturbation(delta0, grads, self.rho, self.lam))
+        self._perturb(params, rsam_perturbation(delta0, grads, self.rho, self.grad_weight))
         self._run(closure, Pass(perturbed=True))
         self._restore(params)
         return loss
@@ -783,25 +766,28 @@ class RWP(PerturbedOptimizer):
       sqrt(1 + eta F_j). A tensor with ndim < 2 (a bias, a BatchNorm weight) is one filter here,
       for the history as for the noise; the reference code keeps its history per entry (while its
       noise std uses the whole tensor's norm).
-    - ``lam < 1`` (m-RWP / m-ARWP): gradient lam grad L_B1(w + eps) + (1 - lam) grad L_B2(w).
-      The clean pass asks for ``Pass(batch=1)`` and the perturbed one for ``Pass(batch=0)``, so a
-      loop may feed two different batches (``batches_per_step == 2``) or the same one twice.
+    - ``perturbed_weight`` m < 1 (m-RWP / m-ARWP; the paper's lambda): gradient
+      m grad L_B1(w + eps) + (1 - m) grad L_B2(w). The clean pass asks for ``Pass(batch=1)`` and the
+      perturbed one for ``Pass(batch=0)``, so a loop may feed two different batches
+      (``batches_per_step == 2``) or the same one twice.
     - ``parallel=True`` (m-RWP / m-ARWP under torchrun, an even number W of ranks): the two gradients
       run at the same time, so a step costs one gradient of wall time. Ranks 0 .. W/2 - 1 compute
       grad L(w) on their shares of B2 (rank 0, which writes BatchNorm statistics, is at w), ranks
       W/2 .. W - 1 grad L(w + eps) on their shares of B1; one all-reduce of the gradients, each
-      scaled by lam or 1 - lam times its share of its batch, gives exactly the step above (m-ARWP also
+      scaled by m or 1 - m times its share of its batch, gives exactly the step above (m-ARWP also
       reduces the perturbed gradient for its history: twice the volume). Every rank draws the noise,
       so the generator stays the same everywhere. Each rank returns the loss of its own pass.
-    Closure calls per step: 1 for lam = 1 (its pass updates BatchNorm statistics: there is no
-    pass at w), 2 for lam < 1 (clean pass first; its loss is returned), 1 with ``parallel``.
+    Closure calls per step: 1 for m = 1 (its pass updates BatchNorm statistics: there is no
+    pass at w), 2 for m < 1 (clean pass first; its loss is returned), 1 with ``parallel``.
     Noise is drawn from the optimizer's generator, the same on every rank: a run on W ranks takes
     the single-process step on the global batch.
     """
 
     def __init__(self, params, base="sgd", *, sigma: float = 0.01, sigma_schedule: str = "constant",
                  sigma_start: float | None = None, total_steps: int | None = None, adaptive: bool = False,
-                 eta: float = 0.1, beta: float = 0.99, lam: float = 1.0, parallel: bool = False, **kwargs):
+                 eta: float = 0.1, beta: float = 0.99, perturbed_weight: float = 1.0, parallel: bool = False,
+                 **kwargs):
+        _refuse_renamed(kwargs, "lam", "perturbed_weight", "m-RWP")
         _check_number("sigma", sigma)
         _check_number("eta", eta)
         if sigma_schedule not in ("constant", "cosine"):
@@ -812,18 +798,20 @@ class RWP(PerturbedOptimizer):
         if sigma_start is not None:
             _check_number("sigma_start", sigma_start)
         _check_number("beta", beta, 0.0, 1.0)
-        _check_number("lam", lam, 0.0, 1.0, low_open=True, hint=" (1 = RWP, 0.5 = the m-RWP paper's)")
-        if parallel and lam == 1.0:
+        _check_number("perturbed_weight", perturbed_weight, 0.0, 1.0, low_open=True,
+                      hint=" (1 = RWP, 0.5 = the m-RWP paper's)")
+        if parallel and perturbed_weight == 1.0:
             raise ValueError("parallel=true runs m-RWP's two gradients on two halves of the ranks; it needs "
-                             "lam < 1 (mrwp, marwp)")
+                             "perturbed_weight < 1 (mrwp, marwp)")
         if parallel and distributed.world_size() % 2:
             raise ValueError(f"parallel=true needs an even number of ranks, got {distributed.world_size()}: launch "
                              "with torchrun --nproc-per-node 2 (or 4, ...), or drop parallel=true")
         super().__init__(params, base, **kwargs)
         self.sigma, self.sigma_schedule, self.total_steps = sigma, sigma_schedule, total_steps
         self.sigma_start = sigma / 10 if sigma_start is None else sigma_start
-        self.adaptive, self.eta, self.beta, self.lam, self.parallel = adaptive, eta, beta, lam, bool(parallel)
-        self.batches_per_step = 1 if lam == 1.0 else 2
+        self.adaptive, self.eta, self.beta, self.perturbed_weight = adaptive, eta, beta, perturbed_weight
+        self.parallel = bool(parallel)
+        self.batches_per_step = 1 if perturbed_weight == 1.0 else 2
 
     def sigma_at(self, step: int) -> float:
         """The noise scale sigma_t at optimizer step ``step``."""
@@ -855,7 +843,7 @@ class RWP(PerturbedOptimizer):
         if self.parallel:
             return self._parallel_step(closure, params)
         clean, loss = None, None
-        if self.lam < 1.0:
+        if self.perturbed_weight < 1.0:
             loss = self._run(closure, Pass(batch=1))
             clean = self._take_grads(params)
         history = self.history()
@@ -866,8 +854,8 @@ class RWP(PerturbedOptimizer):
         if history is not None:
             self._update_history(history, grads)
         if clean is not None:
-            torch._foreach_mul_(grads, self.lam)
-            torch._foreach_add_(grads, clean, alpha=1.0 - self.lam)
+            torch._foreach_mul_(grads, self.perturbed_weight)
+            torch._foreach_add_(grads, clean, alpha=1.0 - self.perturbed_weight)
             for p, g in zip(params, grads):
                 p.grad = g
         return perturbed_loss if loss is None else loss
@@ -886,7 +874,7 @@ class RWP(PerturbedOptimizer):
             loss = self._run(closure, context, update_bn=False)
             self._restore(params)
         grads, share = self._take_grads(params), _share(context, half)
-        mixed = torch._foreach_mul(grads, share * (self.lam if rank >= half else 1.0 - self.lam))
+        mixed = torch._foreach_mul(grads, share * (self.perturbed_weight if rank >= half else 1.0 - self.perturbed_weight))
         if history is None:
             mixed = _reduce_sum(mixed)
         else:
@@ -920,21 +908,20 @@ class OptimizerInfo:
         return option in inspect.signature(self.factory.__init__).parameters
 
 
-_REGISTRY: dict[str, OptimizerInfo] = {}
-
-
-def _register(name: str, description: str, factory: Callable[..., torch.optim.Optimizer], **defaults) -> None:
-    _REGISTRY[name] = OptimizerInfo(name, description, factory, defaults)
-
-
 def _canonical(name: str) -> str:
     return name.lower().replace("-", "").replace("_", "")
 
 
+OPTIMIZERS: Registry[OptimizerInfo] = Registry("optimizer", canonical=_canonical, error=ValueError)
+
+
+def _register(name: str, description: str, factory: Callable[..., torch.optim.Optimizer], **defaults) -> None:
+    OPTIMIZERS.register(name, OptimizerInfo(name, description, factory, defaults))
+
+
 def list_optimizers(pattern: str | None = None) -> list[OptimizerInfo]:
     """Registered optimizers whose name matches the glob ``pattern`` (hyphens ignored; all if None)."""
-    return [info for name, info in _REGISTRY.items()
-            if pattern is None or fnmatch.fnmatchcase(name, _canonical(pattern))]
+    return OPTIMIZERS.list(pattern)
 
 
 def create(name: str, params, **hparams) -> torch.optim.Optimizer:
@@ -944,15 +931,12 @@ def create(name: str, params, **hparams) -> torch.optim.Optimizer:
     method's paper defaults, then ``hparams``. Wrappers take ``base=``, ``model=``, ``seed=``, ...
     (see :class:`PerturbedOptimizer`); everything else goes to the base optimizer.
     """
-    key = _canonical(name)
-    if key not in _REGISTRY:
-        raise ValueError(f"unknown optimizer {name!r}; choose one of {', '.join(_REGISTRY)}")
-    info = _REGISTRY[key]
+    info = OPTIMIZERS.get(name)
     options = {**info.defaults, **hparams}
     if issubclass(info.factory, PerturbedOptimizer):
         base = options.setdefault("base", "sgd")
         if isinstance(base, str) and _canonical(base) in ("sgd", "adamw"):
-            options = {**_REGISTRY[_canonical(base)].defaults, **options}
+            options = {**OPTIMIZERS.get(base).defaults, **options}
         return info.factory(params, **options)
     try:
         return info.factory(params, **options)
@@ -970,7 +954,7 @@ _register("sam", "SAM, p-norm ascent (Foret et al. 2021); 2 passes" + _SCOPE, SA
 _register("asam", "ASAM, SAM with T_w = |w| + eta on weights (Kwon et al. 2021); 2 passes" + _SCOPE, SAM,
           rho=0.5, adaptive=True, eta=0.01, ascent_scope="rank")
 _register("rsam", "R-SAM, random start + projected ascent (Liu et al. 2022); 2 passes" + _SCOPE, RSAM,
-          rho=0.05, gamma=0.01, lam=1.0, ascent_scope="rank")
+          rho=0.05, gamma=0.01, grad_weight=1.0, ascent_scope="rank")
 _register("rwp", "RWP, filter-wise random perturbation (Li et al.); 1 pass. sigma: the paper's cosine rise "
           "0.001 -> 0.01 (authors' script: 0.001 -> 0.011)", RWP,
           sigma=0.01, sigma_schedule="cosine")
@@ -980,12 +964,13 @@ _register("arwp", "ARWP, RWP with gradient-history-adapted noise (Li et al.); 1 
           sigma=0.01, sigma_schedule="cosine", adaptive=True, eta=0.1, beta=0.99)
 _PARALLEL = ("; torchrun: parallel=true runs the two gradients on two halves of an even number of ranks "
              "(one gradient of wall time)")
-_register("mrwp", "m-RWP, lam*grad(w+eps; B1) + (1-lam)*grad(w; B2) (Li et al.); 2 passes. sigma: the paper's "
-          "cosine rise 0.0015 -> 0.015 (authors' script: constant 0.015)" + _PARALLEL, RWP,
-          sigma=0.015, sigma_schedule="cosine", lam=0.5, parallel=False)
+_register("mrwp", "m-RWP, m*grad(w+eps; B1) + (1-m)*grad(w; B2), m = perturbed_weight (Li et al.); 2 passes. "
+          "sigma: the paper's cosine rise 0.0015 -> 0.015 (authors' script: constant 0.015)" + _PARALLEL, RWP,
+          sigma=0.015, sigma_schedule="cosine", perturbed_weight=0.5, parallel=False)
 _register("marwp", "m-ARWP, m-RWP with ARWP noise (Li et al.); 2 passes. sigma: the paper's cosine rise "
           "0.0015 -> 0.015 (authors' script: constant 0.015); noise as arwp" + _PARALLEL, RWP,
-          sigma=0.015, sigma_schedule="cosine", lam=0.5, adaptive=True, eta=0.1, beta=0.99, parallel=False)
+          sigma=0.015, sigma_schedule="cosine", perturbed_weight=0.5, adaptive=True, eta=0.1, beta=0.99,
+          parallel=False)
 _register("ssamf", "SSAM-F, SAM on a Fisher top-k mask (Mi et al. 2022); 2 passes" + _SCOPE, SSAMF,
           rho=0.1, sparsity=0.5, refresh=1000, num_samples=1024, ascent_scope="rank")
 _register("ssamd", "SSAM-D, SAM on a dynamic drop/regrow mask (Mi et al. 2022); 2 passes" + _SCOPE, SSAMD,

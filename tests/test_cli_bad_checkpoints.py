@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from clitools import invoke
+from clitools import assert_input_error, invoke
 
 from landscape.checkpoint import save_checkpoint
 from landscape.cli.main import COMMANDS, cli
@@ -20,14 +20,6 @@ def checkpoint(tmp_path):
                     arch_kwargs={"num_classes": 10, "input_shape": [1, 8, 8], "width": 2}, dataset="digits",
                     optimizer="sgd", optimizer_hparams={}, metrics={}, seed=0)
     return path
-
-
-def assert_input_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.output and "Internal error" not in result.output, lines
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 def rewrite(path, out, **changes):

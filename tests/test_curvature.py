@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from scipy.sparse.linalg import eigsh
 from torch import nn
 from torch.func import functional_call
@@ -36,13 +37,6 @@ from landscape.objective import Objective
 # top: one outlier and a cluster (gaps 1e-3); bottom: a cluster and an outlier; bulk with a repeated value
 TOP, BOTTOM = [50.0, 20.0, 19.999, 19.998], [-12.0, -5.0, -4.999, -4.998]
 CHOSEN = np.sort(np.r_[TOP, BOTTOM, np.linspace(-1.0, 3.0, 150), [1.0, 1.0, 0.0]])
-
-
-def assert_close(actual, expected, rtol: float, atol: float = 0.0, what: str = "") -> None:
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape}, expected {expected.shape}"
-    bad = np.abs(actual - expected) > atol + rtol * np.abs(expected)
-    assert not bad.any(), f"{what} mismatch at {np.flatnonzero(bad)}: got {actual[bad]}, expected {expected[bad]}"
 
 
 @dataclass
@@ -110,15 +104,15 @@ def test_extreme_eigenpairs_match_the_spectrum(case, restarts, monkeypatch):
     operator = case.build()
     pairs = extreme_eigenpairs(operator, 4, 3, tol=1e-12, max_products=5000, eigenvectors=True)
     scale = np.abs(case.eigenvalues).max()
-    assert_close(pairs["top"], case.eigenvalues[::-1][:4], 1e-10, 1e-12 * scale, "top-4")
-    assert_close(pairs["bottom"], case.eigenvalues[:3], 1e-10, 1e-12 * scale, "bottom-3")
+    assert_close(pairs["top"], case.eigenvalues[::-1][:4], 1e-10, "top-4", atol=1e-12 * scale)
+    assert_close(pairs["bottom"], case.eigenvalues[:3], 1e-10, "bottom-3", atol=1e-12 * scale)
     assert pairs["top_converged"].all() and pairs["bottom_converged"].all()
     for side in ("top", "bottom"):
         vectors, values = pairs[f"{side}_vectors"], torch.as_tensor(pairs[side])
         residual = torch.linalg.vector_norm(vectors @ case.matrix - values[:, None] * vectors, dim=1).numpy()
-        assert_close(residual, np.zeros(len(values)), 0.0, 1e-9 * scale, f"{side} residuals ||Av - lambda v||")
-        assert_close(pairs[f"{side}_residuals"] * np.abs(pairs[side]), residual, 0.0, 1e-12 * scale,
-                      f"{side} measured residuals")
+        assert_close(residual, np.zeros(len(values)), 0.0, f"{side} residuals ||Av - lambda v||", atol=1e-9 * scale)
+        assert_close(pairs[f"{side}_residuals"] * np.abs(pairs[side]), residual, 0.0,
+                      f"{side} measured residuals", atol=1e-12 * scale)
     if restarts and isinstance(operator, DenseOperator):
         assert operator.products > 20, "the restart path did not run"
 
@@ -130,11 +124,11 @@ def test_to_scipy_eigsh_equals_own_top_k(case):
     assert linear.shape == (len(case.matrix),) * 2 and linear.dtype == np.float64
     values = eigsh(linear, k=4, which="LA", tol=1e-12, return_eigenvectors=False,
                    v0=np.random.default_rng(0).standard_normal(linear.shape[0]))
-    assert_close(np.sort(values)[::-1], top, 1e-10, 1e-12 * np.abs(top).max(), "eigsh against extreme_eigenpairs")
+    assert_close(np.sort(values)[::-1], top, 1e-10, "eigsh against extreme_eigenpairs", atol=1e-12 * np.abs(top).max())
     block = np.random.default_rng(1).standard_normal((linear.shape[0], 3))
     dense = case.matrix.numpy()
-    assert_close(linear.matmat(block), dense @ block, 1e-10, 1e-12, "to_scipy matmat")
-    assert_close(linear.matvec(block[:, 0]), dense @ block[:, 0], 1e-10, 1e-12, "to_scipy matvec")
+    assert_close(linear.matmat(block), dense @ block, 1e-10, "to_scipy matmat", atol=1e-12)
+    assert_close(linear.matvec(block[:, 0]), dense @ block[:, 0], 1e-10, "to_scipy matvec", atol=1e-12)
 
 
 def test_slq_quadrature_reproduces_start_moments_and_trace_moments(case):
@@ -150,7 +144,7 @@ def test_slq_quadrature_reproduces_start_moments_and_trace_moments(case):
         got = (weights * nodes**j).sum(1)
         expected = overlaps @ values.numpy() ** j   # u^T A^j u
         scale = (weights * np.abs(nodes) ** j).sum(1)
-        assert_close(got, expected, 0.0, 1e-9 * scale, f"u^T A^{j} u")
+        assert_close(got, expected, 0.0, f"u^T A^{j} u", atol=1e-9 * scale)
     for j in (1, 2):   # averaged over the starts: tr(A^j) / d within 3 standard errors
         power = torch.linalg.matrix_power(case.matrix, j)
         # Var(z^T B z) for Rademacher z is 2 (||B||_F^2 - sum_i B_ii^2); the start is z / sqrt(d)
@@ -159,8 +153,8 @@ def test_slq_quadrature_reproduces_start_moments_and_trace_moments(case):
         assert abs(got - expected) <= 3 * stderr, f"moment {j}: {got} vs {expected} ± {stderr}"
     grid, density, sigma = broadened_density(nodes, weights)
     assert abs(np.trapezoid(density, grid) - 1) < 1e-8
-    assert_close(np.trapezoid(grid * density, grid), (weights * nodes).sum(1).mean(), 1e-8, 1e-10 * sigma,
-                 "mean of the broadened density")
+    assert_close(np.trapezoid(grid * density, grid), (weights * nodes).sum(1).mean(), 1e-8,
+                 "mean of the broadened density", atol=1e-10 * sigma)
 
 
 def test_traces_within_three_standard_errors(case):
@@ -193,9 +187,9 @@ def test_hessian_products_counted_once_per_vector_whatever_the_strategy():
         passes: list[int] = []
         operator = HessianOperator(objective, batch=3, progress=passes.append, cache_bytes=cache_bytes)
         assert operator.shape == (d, d) and (operator.dtype, operator.device) == (torch.float64, torch.device("cpu"))
-        assert_close(operator @ v, exact @ v, 1e-10, 1e-12, f"one vector, cached={cached}")
-        assert_close(operator @ block, exact @ block, 1e-10, 1e-12, f"(d, K) block, cached={cached}")
-        assert_close(operator.apply(block.T), (exact @ block).T, 1e-10, 1e-12, f"(K, d) rows, cached={cached}")
+        assert_close(operator @ v, exact @ v, 1e-10, f"one vector, cached={cached}", atol=1e-12)
+        assert_close(operator @ block, exact @ block, 1e-10, f"(d, K) block, cached={cached}", atol=1e-12)
+        assert_close(operator.apply(block.T), (exact @ block).T, 1e-10, f"(K, d) rows, cached={cached}", atol=1e-12)
         linear = operator.to_scipy()
         linear.matvec(v.numpy())
         linear.matmat(block.numpy())

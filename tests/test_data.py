@@ -179,6 +179,56 @@ def test_module_function_specs(user_module):
         load_dataset("no_such_module_xyz:load")
 
 
+SYS_PATH_MODULES = {  # module source -> the exception importing it and taking its function ``load`` raises
+    "def load():\n    return 1\n": None,
+    "raise RuntimeError('broken at import')\n": RuntimeError,
+    "import no_such_dependency_xyz\n": ModuleNotFoundError,
+    "x = 1\n": LandscapeError,                                          # no function 'load'
+    "import os, sys\nsys.path.insert(0, os.getcwd())\ndef load():\n    return 1\n": None,
+    "import os, sys\nsys.path.remove(os.getcwd())\ndef load():\n    return 1\n": None,
+}
+
+
+@pytest.mark.parametrize("index, source", list(enumerate(SYS_PATH_MODULES)))
+def test_importing_a_user_function_leaves_sys_path_as_the_module_left_it(tmp_path, monkeypatch, index, source):
+    import os
+    import sys
+
+    from landscape.data import import_function
+
+    name = f"sys_path_case_{index}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [entry for entry in sys.path if entry not in ("", os.getcwd())])
+    monkeypatch.delitem(sys.modules, name, raising=False)
+    before = list(sys.path)
+    error = SYS_PATH_MODULES[source]
+    if error is None:
+        assert import_function(f"{name}:load", "dataset", "digits")() == 1
+    else:
+        with pytest.raises(error):
+            import_function(f"{name}:load", "dataset", "digits")
+    sys.modules.pop(name, None)
+    expected = [os.getcwd(), *before] if "insert(0" in source else before   # the module's own edit stays
+    assert sys.path == expected
+
+
+def test_importing_a_user_function_keeps_the_current_directory_that_was_on_sys_path(tmp_path, monkeypatch):
+    import os
+    import sys
+
+    from landscape.data import import_function
+
+    (tmp_path / "sys_path_present.py").write_text("def load():\n    return 2\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [*sys.path, os.getcwd()])
+    monkeypatch.delitem(sys.modules, "sys_path_present", raising=False)
+    before = list(sys.path)
+    assert import_function("sys_path_present:load", "dataset", "digits")() == 2
+    sys.modules.pop("sys_path_present", None)
+    assert sys.path == before
+
+
 @pytest.mark.parametrize("spec", ["", "mnist", "cifar10:", "npz:", "cifar10", "a:b:c", "digits:extra"])
 def test_bad_specs_list_the_accepted_forms(spec):
     with pytest.raises(LandscapeError) as error:

@@ -19,6 +19,7 @@ import h5py
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 from torch.func import functional_call
 
@@ -26,9 +27,8 @@ from landscape.analysis.hessian import HessianResult, hessian_spectrum, paramete
 from landscape.curvature.fisher import EmpiricalFisherOperator
 from landscape.curvature.ggn import GGNOperator
 from landscape.errors import LandscapeError
-from landscape.objective import Objective
-from landscape.optimizers import empirical_fisher
-from test_hessian import assert_close, make_model, sub_block
+from landscape.objective import Objective, empirical_fisher
+from test_hessian import case_model, sub_block
 
 N = 48
 CASES = {"mlp": ("eval", 20), "cnn-bn-eval": ("eval", 20), "cnn-bn-train": ("train", 20)}   # bn mode, batch size
@@ -93,7 +93,7 @@ _DENSE: dict[tuple[str, str], torch.Tensor] = {}
 
 def setup(case: str, curvature: str, data) -> tuple[nn.Module, Objective, torch.Tensor]:
     bn, batch_size = CASES[case]
-    model = make_model(case)
+    model = case_model(case)
     if (case, curvature) not in _DENSE:
         _DENSE[case, curvature] = (dense_ggn(model, *data, bn, batch_size) if curvature == "ggn"
                                    else dense_fisher(model, *data))
@@ -113,8 +113,8 @@ def test_ggn_products_equal_dense_jt_h_j(case, vectorize, data):
     passes: list[int] = []
     operator = GGNOperator(objective, batch=3, progress=passes.append, vectorize=vectorize)
     scale = float(dense.abs().max())
-    assert_close(operator.apply(rows), rows @ dense, 1e-10, 1e-12 * scale, "G v for a block of rows")
-    assert_close(operator @ rows[0], dense @ rows[0], 1e-10, 1e-12 * scale, "G v for one vector")
+    assert_close(operator.apply(rows), rows @ dense, 1e-10, "G v for a block of rows", atol=1e-12 * scale)
+    assert_close(operator @ rows[0], dense @ rows[0], 1e-10, "G v for one vector", atol=1e-12 * scale)
     assert passes == [3, 2, 1] and operator.products == 6
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items()), "the model changed"
 
@@ -142,8 +142,8 @@ def test_ggn_of_a_linear_model_with_cross_entropy_is_the_hessian(data):
     flat, outputs = flat_call(model)
     hessian = torch.autograd.functional.hessian(lambda w: F.cross_entropy(outputs(w, x), y), flat)
     rows = random_rows(3, len(flat))
-    assert_close(GGNOperator(objective).apply(rows), rows @ hessian, 1e-10, 1e-12 * float(hessian.abs().max()),
-                 "G v against H v for a linear model")
+    assert_close(GGNOperator(objective).apply(rows), rows @ hessian, 1e-10,
+                 "G v against H v for a linear model", atol=1e-12 * float(hessian.abs().max()))
 
 
 def test_ggn_of_another_loss_takes_its_output_hessian_from_autograd(data):
@@ -151,7 +151,8 @@ def test_ggn_of_another_loss_takes_its_output_hessian_from_autograd(data):
     rows = random_rows(3, len(dense))
     scale = float(dense.abs().max())
     same_loss = Objective(model, *data, batch_size=20, loss_fn=lambda out, y: F.cross_entropy(out, y))
-    assert_close(GGNOperator(same_loss).apply(rows), rows @ dense, 1e-10, 1e-12 * scale, "cross-entropy by autograd")
+    assert_close(GGNOperator(same_loss).apply(rows), rows @ dense, 1e-10, "cross-entropy by autograd",
+                 atol=1e-12 * scale)
 
     def squared_error(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.mse_loss(out, F.one_hot(y, 10).to(out.dtype))
@@ -162,7 +163,7 @@ def test_ggn_of_another_loss_takes_its_output_hessian_from_autograd(data):
     expected = 2 / (N * 10) * torch.einsum("ncd,nce->de", jacobian, jacobian)   # H_L = 2 I / (B C) per batch
     for vectorize in (False, True):
         assert_close(GGNOperator(mse, vectorize=vectorize).apply(rows), rows @ expected, 1e-10,
-                     1e-12 * float(expected.abs().max()), f"mean squared error, vectorize={vectorize}")
+                     f"mean squared error, vectorize={vectorize}", atol=1e-12 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize("case", ["mlp", "cnn-bn-eval"])
@@ -173,7 +174,7 @@ def test_empirical_fisher_equals_mean_of_gradient_outer_products(case, data):
     cached = EmpiricalFisherOperator(objective, batch=2)
     streamed = EmpiricalFisherOperator(objective, batch=2, cache_bytes=0, chunk=7)   # 20 = 7 + 7 + 6 per batch
     for operator in (cached, streamed, cached):   # the cached one twice: the second pass reuses the gradients
-        assert_close(operator.apply(rows), rows @ dense, 1e-10, 1e-12 * scale, f"F v, cached={operator.cached}")
+        assert_close(operator.apply(rows), rows @ dense, 1e-10, f"F v, cached={operator.cached}", atol=1e-12 * scale)
     assert cached.gradients is not None and cached.gradients.shape == (N, len(dense))
     assert streamed.gradients is None and (cached.products, streamed.products) == (10, 5)
     result = hessian_spectrum(objective, 3, tol=1e-10, curvature="fisher")
@@ -186,8 +187,8 @@ def test_optimizer_fisher_diagonal_is_the_operator_diagonal(data):
     diagonal = torch.diagonal(EmpiricalFisherOperator(objective).apply(torch.eye(len(dense), dtype=torch.float64)))
     ssam = torch.cat([t.reshape(-1) for t in empirical_fisher(model, dict(model.named_parameters()), *data,
                                                               chunk_size=7).values()])
-    assert_close(diagonal, torch.diagonal(dense), 1e-10, 1e-14, "operator diagonal")
-    assert_close(ssam, torch.diagonal(dense), 1e-10, 1e-14, "SSAM-F's diagonal")
+    assert_close(diagonal, torch.diagonal(dense), 1e-10, "operator diagonal", atol=1e-14)
+    assert_close(ssam, torch.diagonal(dense), 1e-10, "SSAM-F's diagonal", atol=1e-14)
 
 
 def test_empirical_fisher_refuses_batch_statistics(data):
@@ -212,7 +213,7 @@ def test_parameter_subsets_and_blocks_are_dense_sub_blocks(curvature, data):
                                      blocks["block_eigenvalues"]):
         expected = torch.linalg.eigvalsh(sub_block(model, dense, members)).numpy()[::-1]
         k = min(2, len(expected))
-        assert_close(values[:k], expected[:k], 1e-8, 1e-12 * float(dense.abs().max()), f"block {name}")
+        assert_close(values[:k], expected[:k], 1e-8, f"block {name}", atol=1e-12 * float(dense.abs().max()))
 
 
 @pytest.mark.parametrize("curvature", ["ggn", "fisher"])

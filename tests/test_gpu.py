@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import torch
-from test_surface import assert_close, make_model, perturbed, plain_metrics
+from helpers import assert_close, make_model
+from test_surface import perturbed, plain_metrics
 
 from landscape.data import eval_subset
 from landscape.engine.evaluator import PointEvaluator
@@ -37,7 +38,6 @@ def test_cuda_surface_points_equal_hand_built_cpu_models(data, name):
 
 
 def test_cuda_hessian_operator_vmaps_blocks_and_counts_each_vector_once():
-    from test_curvature import assert_close as assert_near
     from test_curvature import dense_hessian, tiny_objective
 
     from landscape.curvature.hessian import HessianOperator
@@ -52,25 +52,24 @@ def test_cuda_hessian_operator_vmaps_blocks_and_counts_each_vector_once():
     assert operator.graphs is None
     single = operator @ block[:, 0].cuda()   # one vector: double backward through cached graphs
     assert operator.graphs and passes == [4, 2, 1] and operator.products == 7
-    assert_near(got.cpu(), exact @ block, 1e-10, 1e-12, "vmapped block on CUDA")
-    assert_near(single.cpu(), exact @ block[:, 0], 1e-10, 1e-12, "cached single vector on CUDA")
+    assert_close(got.cpu(), exact @ block, 1e-10, "vmapped block on CUDA", atol=1e-12)
+    assert_close(single.cpu(), exact @ block[:, 0], 1e-10, "cached single vector on CUDA", atol=1e-12)
 
 
 def test_cuda_ggn_vmaps_blocks_and_fisher_keeps_gradients_on_the_gpu(data):
-    from test_curvature import assert_close as assert_near
     from test_ggn_fisher import dense_fisher, dense_ggn
-    from test_hessian import make_model
+    from test_hessian import case_model
 
     from landscape.curvature.fisher import EmpiricalFisherOperator
     from landscape.curvature.ggn import GGNOperator
 
     x, y = data[0][:40], data[1][:40]
-    model = make_model("cnn-bn-eval")
+    model = case_model("cnn-bn-eval")
     objective = Objective(model, x, y, batch_size=16, device="cuda")
     rows = torch.randn(6, objective.num_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     ggn, fisher = GGNOperator(objective), EmpiricalFisherOperator(objective)
     assert ggn.vectorize and fisher.cached
     for operator, dense in ((ggn, dense_ggn(model, x, y, "eval", 16)), (fisher, dense_fisher(model, x, y))):
-        assert_near(operator.apply(rows.cuda()).cpu(), rows @ dense, 1e-10, 1e-12 * float(dense.abs().max()),
-                    f"{type(operator).__name__} on CUDA")
+        assert_close(operator.apply(rows.cuda()).cpu(), rows @ dense, 1e-10,
+                     f"{type(operator).__name__} on CUDA", atol=1e-12 * float(dense.abs().max()))
     assert fisher.gradients.device.type == "cuda"

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close, make_model
 from torch import nn
 from torch.func import functional_call
 
@@ -26,7 +27,6 @@ from landscape.analysis.hessian import HessianResult, hessian_spectrum, paramete
 from landscape.curvature import lanczos as lanczos_module
 from landscape.curvature.hessian import HessianOperator
 from landscape.errors import LandscapeError
-from landscape.models import build_model
 from landscape.objective import Objective
 
 N = 128
@@ -47,21 +47,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def case_model(case: str) -> nn.Module:
+    """The float64 model of ``case`` (its architecture options in ``CASES``), from :func:`helpers.make_model`."""
+    return make_model(**CASES[case][0], dtype=torch.float64)
+
+
 @pytest.fixture(scope="module")
 def data(digits):
     return digits.x_train[:N].double(), digits.y_train[:N]
-
-
-def make_model(case: str) -> nn.Module:
-    kwargs, _, _ = CASES[case]
-    torch.manual_seed(0)
-    model = build_model(num_classes=10, input_shape=(1, 8, 8), **kwargs).double()
-    generator = torch.Generator().manual_seed(1)
-    for module in model.modules():   # non-trivial running statistics, so eval and train BN differ
-        if isinstance(module, nn.BatchNorm2d):
-            module.running_mean.copy_(0.3 * torch.randn(module.num_features, generator=generator))
-            module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=generator))
-    return model
 
 
 def exact_hessian(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bn: str) -> torch.Tensor:
@@ -99,7 +92,7 @@ _EXACT: dict[str, torch.Tensor] = {}
 
 def case_setup(case: str, data) -> tuple[nn.Module, Objective, torch.Tensor]:
     _, bn, batch_size = CASES[case]
-    model = make_model(case)
+    model = case_model(case)
     if case not in _EXACT:
         _EXACT[case] = exact_hessian(model, *data, bn)
     return model, Objective(model, *data, batch_size=batch_size, bn=bn), _EXACT[case]
@@ -119,12 +112,6 @@ def assert_unchanged(model: nn.Module, before) -> None:
     assert [(r, g is None) for r, g in grads] == [(r, g is None) for r, g in after_grads], "requires_grad/.grad changed"
 
 
-def assert_close(actual, expected, rtol: float, atol: float = 0.0, what: str = "") -> None:
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    bad = np.abs(actual - expected) > atol + rtol * np.abs(expected)
-    assert not bad.any(), f"{what} mismatch at {np.flatnonzero(bad)}: got {actual[bad]}, expected {expected[bad]}"
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_extreme_eigenpairs_match_exact_hessian(case, data):
     model, objective, exact = case_setup(case, data)
@@ -133,16 +120,17 @@ def test_extreme_eigenpairs_match_exact_hessian(case, data):
     assert_unchanged(model, before)
     eigenvalues = torch.linalg.eigvalsh(exact).numpy()
     scale = np.abs(eigenvalues).max()
-    assert_close(result["eigenvalues"], eigenvalues[::-1][:5], 1e-6, 1e-10 * scale, "top-5")
-    assert_close(result["bottom_eigenvalues"], eigenvalues[:3], 1e-6, 1e-10 * scale, "bottom-3")
+    assert_close(result["eigenvalues"], eigenvalues[::-1][:5], 1e-6, "top-5", atol=1e-10 * scale)
+    assert_close(result["bottom_eigenvalues"], eigenvalues[:3], 1e-6, "bottom-3", atol=1e-10 * scale)
     assert all(result["converged"]) and all(result["bottom_converged"]) and result["all_converged"]
     for key, values in (("eigenvectors", result["eigenvalues"]), ("bottom_eigenvectors", result["bottom_eigenvalues"])):
         vectors = torch.as_tensor(result[key])
         assert_close(torch.linalg.vector_norm(vectors, dim=1), np.ones(len(vectors)), 1e-10, what="norms")
         residual = torch.linalg.vector_norm(vectors @ exact - torch.as_tensor(values)[:, None] * vectors, dim=1)
-        assert_close(residual, np.zeros(len(vectors)), 0.0, 1e-6 * scale, f"{key} residuals")
+        assert_close(residual, np.zeros(len(vectors)), 0.0, f"{key} residuals", atol=1e-6 * scale)
         reported = result["residuals" if key == "eigenvectors" else "bottom_residuals"]
-        assert_close(np.asarray(reported) * np.abs(values), residual, 0.0, 1e-12 * scale, f"{key} reported residuals")
+        assert_close(np.asarray(reported) * np.abs(values), residual, 0.0, f"{key} reported residuals",
+                     atol=1e-12 * scale)
     assert result["lambda1_over_lambda5"] == pytest.approx(eigenvalues[-1] / eigenvalues[-5], rel=1e-6)
     assert result["hvp_count"] == result["hvp_count_eigen"] == sum(passes)
 
@@ -156,13 +144,13 @@ def test_operator_matches_exact_hessian_with_and_without_cached_graphs(data):
     for operator in operators:
         for _ in range(2):   # the second round reuses whatever the first cached
             got = torch.cat([operator.apply(v[None]) for v in vectors])
-            assert_close(got, expected, 1e-10, 1e-12, "single-vector HVPs")
+            assert_close(got, expected, 1e-10, "single-vector HVPs", atol=1e-12)
     partial = HessianOperator(objective, cache_bytes=full.graph_bytes // 2)   # too little: nothing cached
     for v, e in zip(vectors, expected):
-        assert_close(partial.apply(v[None])[0], e, 1e-10, 1e-12, "HVPs when the graphs do not fit")
+        assert_close(partial.apply(v[None])[0], e, 1e-10, "HVPs when the graphs do not fit", atol=1e-12)
     assert (len(full.graphs), len(operators[1].graphs), len(partial.graphs)) == (3, 0, 0)
-    assert_close(full.apply(vectors), expected, 1e-10, 1e-12, "several vectors through the cached graphs (CPU)")
-    assert_close(operators[1].apply(vectors), expected, 1e-10, 1e-12, "batched forward-over-reverse HVPs")
+    assert_close(full.apply(vectors), expected, 1e-10, "several vectors through the cached graphs (CPU)", atol=1e-12)
+    assert_close(operators[1].apply(vectors), expected, 1e-10, "batched forward-over-reverse HVPs", atol=1e-12)
     assert [o.products for o in (*operators, partial)] == [2 * 3 + 3, 2 * 3 + 3, 3]   # every HVP counted once
 
 
@@ -251,7 +239,7 @@ def test_per_layer_spectra_equal_exact_sub_blocks(data):
     for name, members, values in zip(blocks["blocks"], groups.values(), blocks["block_eigenvalues"]):
         expected = torch.linalg.eigvalsh(sub_block(model, exact, members)).numpy()[::-1]
         k = min(2, len(expected))
-        assert_close(values[:k], expected[:k], 1e-6, 1e-12, f"block {name}")
+        assert_close(values[:k], expected[:k], 1e-6, f"block {name}", atol=1e-12)
 
 
 def test_blocks_split_top_level_containers():

@@ -15,6 +15,7 @@ from fractions import Fraction
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 from torch.func import functional_call, grad
 
@@ -89,7 +90,15 @@ class ReferenceSGD:
 
 
 def closure_for(model, opt, x, y):
+    """A step's closure on the fixed batch ``(x, y)``."""
+    return pass_closure(model, opt, lambda ctx: (x, y))
+
+
+def pass_closure(model, opt, rows):
+    """A step's closure: zero the gradients, backward the cross-entropy on ``rows(ctx)``, the ``(x, y)``
+    that the :class:`~landscape.optimizers.Pass` ``ctx`` asks for (None for plain torch optimizers)."""
     def closure(ctx=None):
+        x, y = rows(ctx)
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
@@ -99,21 +108,19 @@ def closure_for(model, opt, x, y):
 
 def assert_params(model, expected: dict, rtol=1e-7, atol=1e-10, what=""):
     for name, p in model.named_parameters():
-        actual = p.detach()
-        if not torch.allclose(actual, expected[name], rtol=rtol, atol=atol):
-            diff = (actual - expected[name]).abs()
-            raise AssertionError(f"{what} {name}: max |diff| {diff.max():.3e}; actual {actual.flatten()[:4].tolist()} "
-                                 f"expected {expected[name].flatten()[:4].tolist()}")
+        assert_close(p, expected[name], rtol, f"{what} {name}", atol=atol)
 
 
-def run_against_reference(opt_name, direction, steps, bn=False, data=None, **hparams):
-    """Step the optimizer and the reference (``direction(w, step) -> final gradient``) together."""
+def run_against_reference(opt_name, direction, steps, bn=False, rows=None, **hparams):
+    """Step the optimizer and the reference (``direction(w, step) -> final gradient``) together, the
+    closure on ``rows(ctx) -> (x, y)`` (default: ``batch(1)`` for every pass)."""
     model = tiny_net(bn)
     opt = O.create(opt_name, model.parameters(), seed=SEED, **BASE, **hparams)
-    x, y = data or batch(1)
+    x, y = batch(1)
+    closure = pass_closure(model, opt, rows or (lambda ctx: (x, y)))
     reference, w = ReferenceSGD(), weights(model)
     for step in range(steps):
-        opt.step(closure_for(model, opt, x, y))
+        opt.step(closure)
         w = reference(w, direction(w, step))
         assert_params(model, w, what=f"{opt_name} step {step + 1}:")
     return opt, w
@@ -128,12 +135,12 @@ def test_sam_perturbation_is_the_dual_norm_maximiser(p):
     eps = O.sam_perturbation(grads, rho=0.3, p=p)
     flat_g, flat_e = torch.cat([g.flatten() for g in grads]), torch.cat([e.flatten() for e in eps])
     q = 1.0 if math.isinf(p) else p / (p - 1)
-    assert torch.allclose(torch.linalg.vector_norm(flat_e, p), torch.tensor(0.3, dtype=F64))
+    assert_close(torch.linalg.vector_norm(flat_e, p), 0.3, 1e-5, "||eps||_p", atol=1e-8)
     # Hölder equality: <eps, g> = rho ||g||_q, which only the maximiser attains
-    assert torch.allclose(flat_e @ flat_g, 0.3 * torch.linalg.vector_norm(flat_g, q))
+    assert_close(flat_e @ flat_g, 0.3 * torch.linalg.vector_norm(flat_g, q), 1e-5, "<eps, g> = rho ||g||_q", atol=1e-8)
     if not math.isinf(p):
         expected = 0.3 * flat_g.sign() * flat_g.abs() ** (q - 1) / (flat_g.abs() ** q).sum() ** ((q - 1) / q)
-        assert torch.allclose(flat_e, expected, rtol=1e-10)
+        assert_close(flat_e, expected, 1e-10, "eps", atol=1e-8)
 
 
 def test_sam_perturbation_p1_puts_rho_on_the_largest_entry_and_zero_gradient_gives_zero():
@@ -151,7 +158,7 @@ def test_rsam_noise_differs_per_tensor_and_matches_the_kernelwise_formula():
     assert not torch.equal(noise[0], noise[1])                      # never one shared key
     z = replay_noise({"a": w, "b": w}, torch.Generator().manual_seed(3))
     for n, key in zip(noise, "ab"):
-        assert torch.allclose(n, 0.2 * row_norms(w).sqrt() * z[key])     # variance gamma^2 ||w_j||
+        assert_close(n, 0.2 * row_norms(w).sqrt() * z[key], 1e-5, key, atol=1e-8)     # variance gamma^2 ||w_j||
 
 
 def test_filterwise_noise_with_history_matches_formula():
@@ -162,7 +169,7 @@ def test_filterwise_noise_with_history_matches_formula():
     z = replay_noise({"a": ws[0], "b": ws[1]}, torch.Generator().manual_seed(1))
     for n, w, h, key in zip(noise, ws, history, "ab"):
         variance = 0.05 ** 2 * row_norms(w) ** 2 / torch.sqrt(1 + 0.3 * h)
-        assert torch.allclose(n, variance.sqrt() * z[key])
+        assert_close(n, variance.sqrt() * z[key], 1e-5, key, atol=1e-8)
 
 
 def test_batched_filter_square_sums_equal_filter_norms():
@@ -171,7 +178,7 @@ def test_batched_filter_square_sums_equal_filter_norms():
     tensors = [torch.randn(shape, generator=generator, dtype=F64) for shape in [(4, 3, 2, 2), (5,), (), (3, 7)]]
     tensors.append(torch.randn(6, 2, 3, 3, generator=generator, dtype=F64).to(memory_format=torch.channels_last))
     expected = torch.cat([filter_norms(t).square().reshape(-1) for t in tensors])
-    assert torch.allclose(filter_square_sums(tensors), expected, rtol=1e-12)
+    assert_close(filter_square_sums(tensors), expected, 1e-12, "filter square sums", atol=1e-8)
     for part, t in zip(per_filter(expected, tensors), tensors):
         assert part.shape == filter_norms(t).shape
 
@@ -268,7 +275,7 @@ def test_rsam_steps_match_reference():
         delta0 = {n: 0.02 * row_norms(v).sqrt() * z[n] for n, v in w.items()}
         v = add(delta0, grad(loss)(add(w, delta0), x, y), 0.5)
         return grad(loss)(add(w, v, 0.05 / global_norm(v)), x, y)
-    run_against_reference("rsam", direction, steps=3, gamma=0.02, lam=0.5)
+    run_against_reference("rsam", direction, steps=3, gamma=0.02, grad_weight=0.5)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -291,27 +298,15 @@ def test_rwp_and_arwp_steps_match_reference(adaptive):
                                    sigma_start=start, total_steps=total, eta=0.3, beta=0.9)
     if adaptive:
         for h, (name, _) in zip(opt.history(), tiny_net().named_parameters()):
-            assert torch.allclose(h, history[name].expand_as(h), rtol=1e-9), name
+            assert_close(h, history[name].expand_as(h), 1e-9, name, atol=1e-8)
 
 
 @pytest.mark.parametrize("name", ["mrwp", "marwp"])
 def test_mrwp_with_two_batches_matches_reference(name):
-    model = tiny_net()
-    loss, (x1, y1), (x2, y2) = functional_loss(model), batch(1), batch(2)
-    replay, history = torch.Generator().manual_seed(SEED), {n: torch.zeros(()) for n in weights(model)}
-    opt = O.create(name, model.parameters(), seed=SEED, sigma=0.05, sigma_schedule="constant", lam=0.3,
-                   **BASE)
+    loss, (x1, y1), (x2, y2) = functional_loss(tiny_net()), batch(1), batch(2)
+    replay, history = torch.Generator().manual_seed(SEED), {n: torch.zeros(()) for n in weights(tiny_net())}
 
-    def closure(ctx):
-        x, y = (x1, y1) if ctx.batch == 0 else (x2, y2)
-        opt.zero_grad()
-        loss_value = F.cross_entropy(model(x), y)
-        loss_value.backward()
-        return loss_value
-
-    reference, w = ReferenceSGD(), weights(model)
-    for step in range(3):
-        opt.step(closure)
+    def direction(w, step):
         z = replay_noise(w, replay)
         eps = {n: 0.05 * row_norms(v) / (1 + 0.1 * history[n]) ** 0.25 * z[n] for n, v in w.items()}
         g1, g2 = grad(loss)(add(w, eps), x1, y1), grad(loss)(w, x2, y2)
@@ -319,8 +314,9 @@ def test_mrwp_with_two_batches_matches_reference(name):
             for n, v in g1.items():
                 history[n] = 0.99 * history[n] + (v.square().flatten(1).sum(1).view_as(row_norms(v))
                                                   if v.ndim >= 2 else v.square().sum())
-        w = reference(w, {n: 0.3 * g1[n] + 0.7 * g2[n] for n in w})
-        assert_params(model, w, what=f"{name} step {step + 1}:")
+        return {n: 0.3 * g1[n] + 0.7 * g2[n] for n in w}
+    run_against_reference(name, direction, steps=3, rows=lambda ctx: (x1, y1) if ctx.batch == 0 else (x2, y2),
+                          sigma=0.05, sigma_schedule="constant", perturbed_weight=0.3)
 
 
 def brute_force_fisher(model, w, x, y) -> dict[str, torch.Tensor]:
@@ -409,33 +405,22 @@ def test_sparse_norm_option_masked_has_radius_rho():
     opt.state[model.weight]["mask"] = torch.rand(6, 2, generator=torch.Generator().manual_seed(1)) > 0.5
     opt._refreshed_at = 0
     eps = opt._ascent([model.weight], grads)
-    assert torch.allclose(eps[0].norm(), torch.tensor(0.3, dtype=F64))
+    assert_close(eps[0].norm(), 0.3, 1e-5, "||eps||", atol=1e-8)
     assert torch.equal(eps[0] != 0, opt.masks()[0])
 
 
 def test_m_sharpness_averages_per_chunk_perturbed_gradients():
-    model = tiny_net()
-    loss, (x, y) = functional_loss(model), batch(1)
-    opt = O.create("sam", model.parameters(), m=5, seed=SEED, **BASE)       # chunks of 5, 5, 5, 1
+    loss, (x, y) = functional_loss(tiny_net()), batch(1)
 
-    def closure(ctx):
-        xc, yc = ctx.select(x, y)
-        opt.zero_grad()
-        value = F.cross_entropy(model(xc), yc)
-        value.backward()
-        return value
-
-    reference, w = ReferenceSGD(), weights(model)
-    for step in range(2):
-        opt.step(closure)
+    def direction(w, step):
         final = {n: torch.zeros_like(v) for n, v in w.items()}
-        for start in range(0, 16, 5):
+        for start in range(0, 16, 5):                                    # chunks of 5, 5, 5, 1
             xc, yc = x[start:start + 5], y[start:start + 5]
             g = grad(loss)(w, xc, yc)
             gp = grad(loss)(add(w, g, 0.05 / global_norm(g)), xc, yc)
             final = add(final, gp, len(xc) / 16)
-        w = reference(w, final)
-        assert_params(model, w, what=f"m-sharpness step {step + 1}:")
+        return final
+    run_against_reference("sam", direction, steps=2, rows=lambda ctx: ctx.select(x, y), m=5)
 
 
 def test_clipping_applies_to_the_final_gradient():
@@ -467,7 +452,7 @@ def test_gradient_accumulation_inside_the_closure_equals_the_full_batch():
             opt.step(closure)
         results.append(weights(model))
     for n in results[0]:
-        assert torch.allclose(results[0][n], results[1][n], rtol=1e-10, atol=1e-12), n
+        assert_close(results[0][n], results[1][n], 1e-10, n, atol=1e-12)
 
 
 # -- shared correctness -----------------------------------------------------------------------
@@ -568,7 +553,7 @@ def test_grad_scaler_gives_the_unscaled_step(name):
             opt.step(closure)
         results.append(weights(model))
     for n in results[0]:
-        assert torch.allclose(results[0][n], results[1][n], rtol=1e-5, atol=1e-7), n
+        assert_close(results[0][n], results[1][n], 1e-5, n, atol=1e-7)
 
 
 def test_grad_scaler_skips_and_restores_on_inf():
@@ -630,9 +615,9 @@ def test_registry_names_aliases_and_base_optimizers():
     assert [info.name for info in O.list_optimizers("m-*rwp")] == ["mrwp", "marwp"]
     model = tiny_net()
     opt = O.create("M-RWP", model.parameters(), total_steps=3, base="adamw")
-    assert isinstance(opt.base, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 3e-3 and opt.lam == 0.5
+    assert isinstance(opt.base, torch.optim.AdamW) and opt.param_groups[0]["lr"] == 3e-3 and opt.perturbed_weight == 0.5
     assert isinstance(O.create("asam", model.parameters()).base, torch.optim.SGD)
-    with pytest.raises(ValueError, match="choose one of"):
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'; use one of sgd, adamw, sam, asam, rsam, rwp"):
         O.create("lion", model.parameters())
 
 
@@ -659,7 +644,10 @@ def test_optimizers_listing_says_which_sigma_and_history_choices_are_the_papers_
     ("sam", {"max_grad_norm": 0}, "max_grad_norm"), ("sam", {"base": "nope"}, "base"),
     ("sam", {"nesterov_typo": True}, "SGD"), ("rsam", {"gamma": -1}, "gamma"),
     ("rwp", {}, "total_steps"), ("rwp", {"total_steps": 5, "sigma_schedule": "linear"}, "sigma_schedule"),
-    ("mrwp", {"total_steps": 5, "lam": 0.0}, "lam"), ("arwp", {"total_steps": 5, "beta": 2}, "beta"),
+    ("mrwp", {"total_steps": 5, "perturbed_weight": 0.0}, "perturbed_weight"),
+    ("rsam", {"lam": 0.5}, "lam= is now called grad_weight="),
+    ("mrwp", {"total_steps": 5, "lam": 0.5}, "lam= is now called perturbed_weight="),
+    ("arwp", {"total_steps": 5, "beta": 2}, "beta"),
     ("ssamd", {"total_steps": 5, "sparsity": 1.0}, "sparsity"), ("ssamd", {}, "total_steps"),
     ("ssamd", {"total_steps": 5, "drop_rate": 1.5}, "drop_rate"), ("ssamf", {}, "fisher_data"),
     ("ssamd", {"total_steps": 5, "refresh": 0}, "refresh"), ("sgd", {"betas": (0.9, 0.9)}, "sgd"),

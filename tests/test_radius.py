@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 from torch import nn
 
 from landscape.analysis.radius import RadiusResult, radius_curve, radius_ratio
@@ -16,12 +17,6 @@ from landscape.models import build_model
 from landscape.objective import Objective
 from landscape.optimizers import filterwise_noise
 from landscape.results import Result
-
-
-def assert_close(actual, expected, rtol, what):
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    bad = ~np.isclose(actual, expected, rtol=rtol, atol=0)
-    assert not bad.any(), f"{what}: mismatches at {np.argwhere(bad).tolist()}: {actual[bad]} vs {expected[bad]}"
 
 
 def test_awp_is_the_closed_form_and_beats_every_random_draw_on_an_isotropic_quadratic():

@@ -135,15 +135,15 @@ def test_rsam_ratio_uses_the_recorded_noise(setup, monkeypatch):
         return delta
 
     monkeypatch.setattr(optimizers, "rsam_noise", spy)
-    gamma, lam = 0.1, 0.8
-    result = gradient_ratio(objective, RHOS, perturbation="rsam", rsam_gamma=gamma, rsam_lam=lam,
+    gamma, grad_weight = 0.1, 0.8
+    result = gradient_ratio(objective, RHOS, perturbation="rsam", rsam_gamma=gamma, rsam_grad_weight=grad_weight,
                             batches=BATCHES, batch_size=N // BATCHES, bin_edges=EDGES)
 
     def rsam_eps(grad, weights, rho, hessian, batch):
         delta = drawn[batch]
         noisy = grad.copy()
         noisy[:D + 1] += hessian @ delta[:D + 1]
-        direction = delta + lam * noisy
+        direction = delta + grad_weight * noisy
         return rho * direction / np.linalg.norm(direction)
 
     assert len(drawn) == BATCHES
@@ -224,7 +224,8 @@ def test_cli_ratio_writes_global_and_per_layer_histograms(checkpoint, tmp_path, 
 
 @pytest.mark.parametrize("args, message", [
     (("--bins", "4:-8:10"), "bin edges"), (("--bins", "1:2"), "LO:HI:N"), (("--rhos", "0"), "rhos"),
-    (("--perturbation", "ssam"), "perturbation"), (("--rsam-lam=-1", "--perturbation", "rsam"), "lam"),
+    (("--perturbation", "ssam"), "perturbation"), (("--rsam-grad-weight=-1", "--perturbation", "rsam"), "grad_weight"),
+    (("--rsam-lam=0.5", "--perturbation", "rsam"), "--rsam-lam is now called --rsam-grad-weight"),
 ])
 def test_cli_ratio_bad_input_is_one_line_exit_2(checkpoint, tmp_path, args, message):
     run = invoke("ratio", checkpoint, "--out", tmp_path / "x.h5", "--batches", "1", *args)

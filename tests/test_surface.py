@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
+from helpers import assert_close, make_model
 from torch import nn
 
 from landscape.analysis.surface import InterpolationResult, SurfaceResult, interpolate, loss_surface
@@ -21,35 +22,16 @@ from landscape.engine import evaluator as evaluator_module
 from landscape.engine import graph, rewrites, runner
 from landscape.engine.evaluator import PointEvaluator
 from landscape.errors import LandscapeError
-from landscape.models import build_model
 from landscape.objective import Objective
 from landscape.params import surface_directions
 from landscape.results import Result
 from landscape.store import MemoryGroup
 
 
-def assert_close(actual, expected, rtol, what):
-    actual, expected = np.asarray(actual, dtype=float), np.asarray(expected, dtype=float)
-    bad = ~np.isclose(actual, expected, rtol=rtol, atol=0)
-    assert not bad.any(), f"{what}: mismatches at {np.argwhere(bad).tolist()}: {actual[bad]} vs {expected[bad]}"
-
-
 @pytest.fixture(scope="module")
 def data(digits):
     x, y, _ = eval_subset(*digits.split("train"), 160, 0)
     return x.double(), y
-
-
-def make_model(name: str, seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    kwargs = {"hidden": (12,)} if name == "mlp" else {"width": 4}
-    model = build_model(name, 10, (1, 8, 8), **kwargs)
-    with torch.no_grad():  # give BatchNorm non-trivial running statistics
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
 
 
 def perturbed(model: nn.Module, moves: dict[str, torch.Tensor]) -> nn.Module:

@@ -75,10 +75,11 @@ def test_train_command_writes_a_checkpoint_with_the_optimizer_settings(tmp_path)
     (["--data", "nope"], "dataset"),
     (["--optimizer", "rwp", "--opt-args", "sigma_schedule=linear"], "sigma_schedule"),
     (["--optimizer", "mrwp", "--opt-args", "parallel=true"], "even number of ranks"),  # one process
-    (["--optimizer", "rwp", "--opt-args", "parallel=true"], "lam < 1"),
+    (["--optimizer", "rwp", "--opt-args", "parallel=true"], "perturbed_weight < 1"),
     (["--optimizer", "sam", "--opt-args", "ascent_scope=group:2"], "invalid ascent_scope: 'group:2'"),
     (["--optimizer", "ssamd", "--opt-args", "ascent_scope=everyone"], "invalid ascent_scope: 'everyone'"),
     (["--resume", "--overwrite"], "pass one of them"),
+    (["--optimizer", "rsam", "--opt-args", "lam=0.5"], "lam= is now called grad_weight="),
 ])
 def test_train_command_bad_input_is_one_line_with_exit_code_2(tmp_path, arguments, words):
     result = CliRunner().invoke(cli, ["train", "--epochs", "1", "--out", str(tmp_path / "x.pt"), *arguments])

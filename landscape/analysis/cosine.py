@@ -76,7 +76,7 @@ def projected_ascent(objective: Objective, x: Tensor, y: Tensor, rho: float, sta
 
 
 def _check(rhos: Sequence[float], gammas2: Sequence[float], noise: str, draws: int, pga_steps: int,
-           pga_step: float, rsam_gamma: float, rsam_lam: float) -> None:
+           pga_step: float, rsam_gamma: float, rsam_grad_weight: float) -> None:
     if not rhos or not all(math.isfinite(r) and r >= 0 for r in rhos):
         raise LandscapeError(f"rhos must be finite and >= 0, got {list(rhos)}; e.g. --rhos 0:1:21")
     if not gammas2 or not all(math.isfinite(g) and g >= 0 for g in gammas2):
@@ -85,9 +85,9 @@ def _check(rhos: Sequence[float], gammas2: Sequence[float], noise: str, draws: i
         raise LandscapeError(f"unknown noise {noise!r}; use {' or '.join(NOISE_KINDS)}")
     if draws < 1 or pga_steps < 1:
         raise LandscapeError(f"draws and pga_steps must be >= 1, got {draws} and {pga_steps}")
-    if not (pga_step > 0 and rsam_gamma >= 0 and rsam_lam >= 0):
-        raise LandscapeError(f"pga_step must be > 0 and rsam_gamma, rsam_lam >= 0; got {pga_step}, "
-                             f"{rsam_gamma}, {rsam_lam}")
+    if not (pga_step > 0 and rsam_gamma >= 0 and rsam_grad_weight >= 0):
+        raise LandscapeError(f"pga_step must be > 0 and rsam_gamma, rsam_grad_weight >= 0; got {pga_step}, "
+                             f"{rsam_gamma}, {rsam_grad_weight}")
 
 
 def _summary(samples: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +119,7 @@ def _stability_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], 
 
 
 def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], rhos: list[float], draws: int,
-                       pga_steps: int, pga_step: float, rsam_gamma: float, rsam_lam: float, seed: int,
+                       pga_steps: int, pga_step: float, rsam_gamma: float, rsam_grad_weight: float, seed: int,
                        tick: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Batch losses: unperturbed (B), projected-ascent iterates from SAM's point (B x R x k+1), R-SAM (B x D x R)."""
     weights = list(objective.params.values())
@@ -135,7 +135,7 @@ def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], 
             delta0 = optimizers.rsam_noise(weights, rsam_gamma, seeded_generator(seed, _RSAM_NOISE, b, d))
             _, noisy = loss_and_grad(objective, shifted(objective.params, delta0), x, y)
             for ri, rho in enumerate(rhos):
-                ascent = optimizers.rsam_perturbation(delta0, noisy, rho, rsam_lam)
+                ascent = optimizers.rsam_perturbation(delta0, noisy, rho, rsam_grad_weight)
                 rsam[b, d, ri] = batch_loss(objective, shifted(objective.params, ascent), x, y)
         tick()
     return base_losses, pga, rsam
@@ -144,8 +144,9 @@ def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], 
 def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
                      gammas2: Sequence[float] = DEFAULT_GAMMAS2, *, noise: str = "kernel", batches: int = 4,
                      draws: int = 4, batch_size: int | None = MINIBATCH, bn: str | None = "train", pga_steps: int = 10,
-                     pga_step: float = 1.0, rsam_gamma: float | None = None, rsam_lam: float | None = None,
-                     seed: int = 0, progress: Callable[..., Any] | None = None) -> CosineResult:
+                     pga_step: float = 1.0, rsam_gamma: float | None = None,
+                     rsam_grad_weight: float | None = None, seed: int = 0,
+                     progress: Callable[..., Any] | None = None) -> CosineResult:
     """Cosine stability, perturbed loss and inner-maximisation gap versus ρ.
 
     Args:
@@ -160,8 +161,9 @@ def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
             or ``None`` for the objective's own.
         pga_steps: steps k of projected gradient ascent, started from SAM's point.
         pga_step: ascent step length as a fraction of ρ (see :func:`projected_ascent`).
-        rsam_gamma, rsam_lam: R-SAM's γ (noise std scale of ``rsam_noise``) and λ (``rsam_perturbation``)
-            for its randomised ascent; default: the registered ``rsam`` optimizer's.
+        rsam_gamma, rsam_grad_weight: R-SAM's γ (noise std scale of ``rsam_noise``) and the weight of the
+            gradient in its ascent (``grad_weight`` of ``rsam_perturbation``, the paper's λ) for its randomised
+            ascent; default: the registered ``rsam`` optimizer's.
         seed: selects the minibatches and every noise draw (common random numbers across γ² and ρ).
         progress: optional ``progress(total, desc, unit)`` returning a bar with ``update``/``close``.
 
@@ -174,8 +176,9 @@ def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
     """
     rhos, gammas2 = [float(r) for r in rhos], [float(g) for g in gammas2]
     rsam_gamma = optimizer_default("rsam", "gamma") if rsam_gamma is None else float(rsam_gamma)
-    rsam_lam = optimizer_default("rsam", "lam") if rsam_lam is None else float(rsam_lam)
-    _check(rhos, gammas2, noise, draws, pga_steps, pga_step, rsam_gamma, rsam_lam)
+    rsam_grad_weight = (optimizer_default("rsam", "grad_weight") if rsam_grad_weight is None
+                        else float(rsam_grad_weight))
+    _check(rhos, gammas2, noise, draws, pga_steps, pga_step, rsam_gamma, rsam_grad_weight)
     objective = with_bn(objective, bn)
     data = minibatches(objective, batches, batch_size, seed)
     num_draws = [1 if g2 == 0 else draws for g2 in gammas2]
@@ -183,7 +186,7 @@ def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
     tick = bar.update if bar else lambda: None
     cosines, perturbed = _stability_samples(objective, data, rhos, gammas2, noise, draws, seed, tick)
     base_losses, pga, rsam = _inner_max_samples(objective, data, rhos, draws, pga_steps, pga_step, rsam_gamma,
-                                                rsam_lam, seed, tick)
+                                                rsam_grad_weight, seed, tick)
     if bar:
         bar.close()
     sam, best = pga[:, :, 0], pga.max(axis=2)
@@ -204,7 +207,7 @@ def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
     }
     config = {"rhos": rhos, "gammas2": gammas2, "noise": noise, "batches": batches, "draws": draws,
               "batch_size": len(data[0][1]), "bn": objective.bn, "pga_steps": pga_steps, "pga_step": pga_step,
-              "rsam_gamma": rsam_gamma, "rsam_lam": rsam_lam}
+              "rsam_gamma": rsam_gamma, "rsam_grad_weight": rsam_grad_weight}
     attrs = {**provenance(config, objective.provenance(), seed, objective.device),
              "base_loss": float(base_losses.mean()), "base_loss_std": float(base_losses.std()),
              "num_params": objective.num_params}

@@ -35,11 +35,14 @@ from landscape.curvature.slq import broadened_density, slq
 from landscape.curvature.trace import hutchinson_trace, hutchpp_trace
 from landscape.errors import LandscapeError
 from landscape.objective import Objective
+from landscape.registry import Registry
 from landscape.results import Result
 from landscape.store import provenance
 
-CURVATURES: dict[str, type[CurvatureOperator]] = {
-    "hessian": HessianOperator, "ggn": GGNOperator, "fisher": EmpiricalFisherOperator}
+CURVATURES: Registry[type[CurvatureOperator]] = Registry("curvature")
+CURVATURES.register("hessian", HessianOperator)
+CURVATURES.register("ggn", GGNOperator)
+CURVATURES.register("fisher", EmpiricalFisherOperator)
 PRODUCTS = {"hessian": "HVPs", "ggn": "GGN products", "fisher": "Fisher products"}
 BACKENDS = ("landscape", "pyhessian")
 TRACE_METHODS = ("hutch++", "hutchinson")
@@ -148,7 +151,7 @@ def hessian_spectrum(objective: Objective, top_k: int = 5, *, bottom_k: int = 0,
         objective = objective.derive(params=params)
     _validate(objective, config)
     objective.require_finite("a curvature spectrum")
-    operator = CURVATURES[curvature](objective, hvp_batch, progress)
+    operator = CURVATURES.get(curvature)(objective, hvp_batch, progress)
     arrays: dict[str, Any] = {}
     attrs: dict[str, Any] = {"curvature": curvature, "backend": backend, "tol": tol, "num_params": operator.dim,
                              "hvp_count_eigen": 0, "hvp_count_blocks": 0, "hvp_count_density": 0,
@@ -258,7 +261,7 @@ def minibatch_lambda1(objective: Objective, per_batch: int, batches: int = 8, *,
     indices = np.sort(order.reshape(batches, per_batch), axis=1)
     values, residuals, converged, products = [], [], [], 0
     for rows in indices:
-        operator = CURVATURES[curvature](objective.derive(examples=rows), hvp_batch, progress)
+        operator = CURVATURES.get(curvature)(objective.derive(examples=rows), hvp_batch, progress)
         pairs = extreme_eigenpairs(operator, 1, 0, tol, max_hvps, seed)
         values.append(pairs["top"][0])
         residuals.append(pairs["top_residuals"][0])

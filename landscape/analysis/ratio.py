@@ -57,7 +57,7 @@ def log_ratio(sgd: Tensor, perturbed: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def _perturbation_rule(kind: str, objective: Objective, x: Tensor, y: Tensor, grads: list[Tensor],
-                       asam_eta: float, rsam_gamma: float, rsam_lam: float,
+                       asam_eta: float, rsam_gamma: float, rsam_grad_weight: float,
                        generator: torch.Generator) -> Callable[[float], list[Tensor]]:
     """ρ -> ε, the optimizer's perturbation at the objective's weights on the batch ``(x, y)``."""
     weights = list(objective.params.values())
@@ -67,7 +67,7 @@ def _perturbation_rule(kind: str, objective: Objective, x: Tensor, y: Tensor, gr
         return lambda rho: optimizers.sam_perturbation(grads, rho, weights=weights, adaptive=True, eta=asam_eta)
     delta0 = optimizers.rsam_noise(weights, rsam_gamma, generator)
     _, noisy = loss_and_grad(objective, shifted(objective.params, delta0), x, y)
-    return lambda rho: optimizers.rsam_perturbation(delta0, noisy, rho, rsam_lam)
+    return lambda rho: optimizers.rsam_perturbation(delta0, noisy, rho, rsam_grad_weight)
 
 
 def _fractions(layer: dict[str, np.ndarray]) -> np.ndarray:
@@ -79,7 +79,7 @@ def _fractions(layer: dict[str, np.ndarray]) -> np.ndarray:
 def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, perturbation: str = "sam",
                    batches: int = 4, batch_size: int | None = MINIBATCH, bin_edges: Sequence[float] = DEFAULT_BIN_EDGES,
                    bn: str | None = "train", asam_eta: float | None = None, rsam_gamma: float | None = None,
-                   rsam_lam: float | None = None, seed: int = 0,
+                   rsam_grad_weight: float | None = None, seed: int = 0,
                    progress: Callable[..., Any] | None = None) -> RatioResult:
     """Histograms of r = log10|(g_SAM - g_SGD)/g_SGD| per ρ, accumulated over minibatches.
 
@@ -88,7 +88,7 @@ def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *
         rhos: radii ρ of the perturbation (R values).
         perturbation: whose ε to use: ``sam`` (``sam_perturbation``), ``asam`` (its adaptive form,
             with ``asam_eta``) or ``rsam`` (``rsam_noise`` + ``rsam_perturbation`` with ``rsam_gamma``,
-            ``rsam_lam``; g_SGD stays the gradient at w). Unset hyper-parameters default to the
+            ``rsam_grad_weight``; g_SGD stays the gradient at w). Unset hyper-parameters default to the
             registered ``asam``/``rsam`` optimizer's.
         batches: number of disjoint minibatches, drawn from the evaluation set by ``seed``.
         batch_size: minibatch size (default 128, as the CLI's).
@@ -113,7 +113,8 @@ def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *
         raise LandscapeError("bin edges must be at least two finite, increasing numbers; e.g. --bins -8:4:120")
     asam_eta = optimizer_default("asam", "eta") if asam_eta is None else float(asam_eta)
     rsam_gamma = optimizer_default("rsam", "gamma") if rsam_gamma is None else float(rsam_gamma)
-    rsam_lam = optimizer_default("rsam", "lam") if rsam_lam is None else float(rsam_lam)
+    rsam_grad_weight = (optimizer_default("rsam", "grad_weight") if rsam_grad_weight is None
+                        else float(rsam_grad_weight))
     objective = with_bn(objective, bn)
     data = minibatches(objective, batches, batch_size, seed)
     edges_t = torch.as_tensor(edges, device=objective.device)
@@ -125,7 +126,7 @@ def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *
 
     for b, (x, y) in enumerate(data):
         _, grads = loss_and_grad(objective, objective.params, x, y)
-        rule = _perturbation_rule(perturbation, objective, x, y, grads, asam_eta, rsam_gamma, rsam_lam,
+        rule = _perturbation_rule(perturbation, objective, x, y, grads, asam_eta, rsam_gamma, rsam_grad_weight,
                                   seeded_generator(seed, _RSAM_NOISE, b))
         for ri, rho in enumerate(rhos):
             _, moved = loss_and_grad(objective, shifted(objective.params, rule(rho)), x, y)
@@ -150,5 +151,5 @@ def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *
     arrays = {"rhos": np.array(rhos), "bin_edges": edges, **totals, "layers": per_layer}
     config = {"rhos": rhos, "perturbation": perturbation, "batches": batches, "batch_size": len(data[0][1]),
               "bin_edges": edges.tolist(), "bn": objective.bn, "asam_eta": asam_eta, "rsam_gamma": rsam_gamma,
-              "rsam_lam": rsam_lam}
+              "rsam_grad_weight": rsam_grad_weight}
     return RatioResult(arrays, provenance(config, objective.provenance(), seed, objective.device))

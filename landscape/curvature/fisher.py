@@ -3,7 +3,7 @@
 ``F = (1/N) sum_i g_i g_i^T`` with ``g_i`` the gradient of example ``i``'s loss at its TRUE label. It
 is not the Fisher ``E_{y ~ p(y|x)}[g g^T]``, which samples the labels from the model (for softmax
 cross-entropy that Fisher equals the GGN, :class:`~landscape.curvature.ggn.GGNOperator`); it is the
-matrix whose diagonal SSAM-F ranks (:func:`~landscape.optimizers.empirical_fisher`), and both take
+matrix whose diagonal SSAM-F ranks (:func:`~landscape.objective.empirical_fisher`), and both take
 their per-example gradients from :func:`~landscape.objective.per_example_gradients`.
 """
 
