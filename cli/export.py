@@ -13,7 +13,7 @@ _FORMAT_HELP = "; ".join(f"{name}: {entry.description}" for name, entry in FORMA
 @click.argument("results", type=click.Path(dir_okay=False))
 @click.option("--format", "fmt", required=True, metavar="NAME", help=f"Output format. {_FORMAT_HELP}.")
 @click.option("--out", default=None, type=click.Path(dir_okay=False),
-              help="File to write [default: RESULTS' name with _NAME and the format's suffix, e.g. runs/sam_tg.h5].")
+              help="File to write [default: RESULTS' name with the format's suffix, e.g. runs/sam.vtp; runs/sam_tg.h5 for tg].")
 @click.option("--overwrite", is_flag=True, default=False, help="Replace an existing --out.")
 @click.option("--metric", default=None, metavar="ARRAY",
               help="vtp: the stored array drawn as height, e.g. test_loss, train_acc [default: the first stored loss].")

@@ -77,9 +77,10 @@ def register(name: str, description: str, suffix: str, options: tuple[str, ...] 
 
 
 def default_path(results: str | Path, fmt: str) -> Path:
-    """``<results stem>_<fmt><suffix>`` next to the results file, e.g. ``runs/sam_tg.h5``."""
-    results = Path(results)
-    return results.with_name(f"{results.stem}_{fmt}{FORMATS.get(fmt).suffix}")
+    """Next to the results file: ``<stem><suffix>`` (``runs/sam.vtp``), or ``<stem>_<fmt><suffix>``
+    when the format's suffix is the results file's own (``runs/sam_tg.h5``)."""
+    results, suffix = Path(results), FORMATS.get(fmt).suffix
+    return results.with_name(f"{results.stem}_{fmt}{suffix}" if suffix == results.suffix else f"{results.stem}{suffix}")
 
 
 def export(results: str | Path, fmt: str, out: str | Path | None = None, *, overwrite: bool = False,

@@ -140,6 +140,8 @@ def test_bad_input_is_one_line_and_exit_2(surfaces, tmp_path):
 
 def test_default_output_name_help_and_registry():
     assert default_path("runs/sam.h5", "tg").as_posix() == "runs/sam_tg.h5"
+    assert default_path("runs/sam.h5", "vtp").as_posix() == "runs/sam.vtp"
+    assert default_path("runs/sam.h5", "csv").as_posix() == "runs/sam.csv"
     assert {"tg", "vtp", "csv", "npz"} <= set(FORMATS)
     result = invoke("export", "--help")
     assert result.exit_code == 0 and "landscape export " in result.output and "Python:" in result.output
