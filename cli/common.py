@@ -27,7 +27,8 @@ device_option = click.option("--device", default="auto", show_default=True,
                              help="Where to compute; auto picks CUDA when available.")
 seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 data_option = click.option("--data", default=None, metavar="SPEC",
-                           help="Dataset spec: digits, cifar10:PATH, cifar100:PATH, npz:PATH or module:function. "
+                           help="Dataset spec: digits, cifar10:PATH, cifar100:PATH, npz:PATH, "
+                                "imagefolder:PATH[,options] or module:function (see `landscape datasets`). "
                                 "Default: the one recorded in the checkpoint.")
 
 

@@ -124,17 +124,23 @@ def models(pattern: str | None) -> None:
 def datasets(pattern: str | None) -> None:
     """List the accepted dataset specs (for --data), optionally the built-in kinds matching a glob.
 
+    Options follow the path after commas: imagefolder:PATH,crop=32,size=36 (see the options line).
+
     \b
     Examples:
       landscape datasets
       landscape datasets 'cifar*'
       landscape train --data cifar10:~/data --arch resnet18 --out runs/r18.pt
+      landscape hessian runs/r50.pt --arch mymod:resnet50 --data imagefolder:~/imagenet/val,per_class=10
     Python: landscape.list_datasets("cifar*") ; landscape.load_dataset("digits")
     """
-    from landscape.data import list_datasets
+    from landscape.data import DATASETS, list_datasets
 
     forms = list_datasets(pattern)
     require_matches(forms, "dataset", pattern)
+    options = {kind.form: kind.options for kind in DATASETS.list()}
     width = max(len(form) for form, _ in forms)
     for form, description in forms:
         click.echo(f"{form:<{width}}  {description}")
+        if options.get(form):
+            click.echo(f"{'':<{width}}  options: {options[form]}")

@@ -36,7 +36,8 @@ def parse_opt_args(values: tuple[str, ...]) -> dict[str, Any]:
 
 @click.command()
 @click.option("--data", default="digits", show_default=True, metavar="SPEC",
-              help="Dataset spec: digits, cifar10:PATH, cifar100:PATH, npz:PATH or module:function.")
+              help="Dataset spec: digits, cifar10:PATH, cifar100:PATH, npz:PATH, imagefolder:PATH[,options] or "
+                   "module:function (see `landscape datasets`).")
 @click.option("--arch", default="cnn", show_default=True, metavar="NAME|module:function",
               help="Architecture (see `landscape models`).")
 @click.option("--arch-kwargs", default=None, callback=parse_json_object, metavar="JSON",

@@ -16,12 +16,29 @@ Accepted specs (see :func:`list_datasets`):
 ``npz:PATH``
     A NumPy ``.npz`` with ``x`` (N, ...) and integer labels ``y`` (N,), optionally ``x_test`` and
     ``y_test``. Arrays are used as stored (no normalisation).
+``imagefolder:PATH[,key=value...]``
+    One folder per class, as torchvision's ``ImageFolder`` reads it: ``PATH/<class>/**/*.jpg`` is one
+    split (train), ``PATH/train/<class>/...`` with ``PATH/val/<class>/...`` (or ``test``) two splits
+    whose class folders must agree. Class indices are the *sorted* folder names (every folder is a
+    class; a foreign checkpoint's class order must match), files are taken in sorted order, any
+    case of .jpg .jpeg .png .ppm .bmp .pgm .tif .tiff .webp; the names are in ``Dataset.classes``.
+    Each image is read with Pillow, converted to RGB (``convert("RGB")``: greyscale is replicated,
+    alpha dropped, palettes expanded), and given torchvision's evaluation transform: the shorter
+    side resized to ``size`` (the longer to ``int(size * long / short)``), the centre ``crop`` x
+    ``crop`` cut out (offsets ``int(round((side - crop) / 2))``), scaled to [0, 1] and normalised
+    per channel. Options, comma-separated after the path (``imagefolder:~/imagenet/val,crop=224``):
+    ``crop`` (224), ``size`` (``crop * 8 // 7``, i.e. 256 for 224: the 0.875 ratio), ``mean`` and
+    ``std`` (three numbers each, e.g. ``mean=0.5,0.5,0.5``; ImageNet's by default), ``resample``
+    (bilinear; nearest, bicubic, lanczos) and ``per_class=N`` (only the first N files of each class
+    folder, before decoding). Shape ``(N, 3, crop, crop)``. Every image of both splits is decoded
+    into memory (float32, 4 x 3 x crop^2 bytes each, refused up front when that does not fit; draw
+    a subset with ``per_class``, as ``--subset`` is applied only after loading), in a thread pool.
 ``module:function``
     User code: ``function()`` is called without arguments and returns a :class:`Dataset`, a tuple
     ``(x, y)`` or a tuple ``(x, y, x_test, y_test)`` of arrays or tensors (used as returned).
 
 Inputs are float32 tensors, labels int64. The number of classes of ``npz`` and user data is
-``max(label) + 1`` over both splits.
+``max(label) + 1`` over both splits; of ``imagefolder`` the number of class folders.
 """
 
 from __future__ import annotations
@@ -32,7 +49,8 @@ import os
 import pickle
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +60,7 @@ from torch import Tensor
 
 from landscape.errors import LandscapeError
 from landscape.registry import Registry
+from landscape.resources import require
 
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar.html"
 DIGITS_TEST_FRACTION = 0.2
@@ -58,6 +77,13 @@ CIFAR_LAYOUT = {
     "cifar100": ("cifar-100-python", ["train"], "test", b"fine_labels", 100),
 }
 
+# torchvision's image extensions (matched in any case) and the ImageNet statistics on the [0, 1] scale.
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+RESAMPLING = ("nearest", "bilinear", "bicubic", "lanczos")
+TEST_FOLDERS = ("val", "test")  # the first one present beside train is the test split
+DECODE_BLOCK = 256  # images handed to the thread pool at a time
+
 USER_FORM = ("module:function", "user code: function() returns a Dataset, (x, y) or (x, y, x_test, y_test)")
 _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 
@@ -66,7 +92,8 @@ _FUNCTION_SPEC = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
 class Dataset:
     """A labelled train split and an optional test split.
 
-    ``x_*`` are float32 tensors ``(N, *input_shape)``, ``y_*`` int64 tensors ``(N,)``.
+    ``x_*`` are float32 tensors ``(N, *input_shape)``, ``y_*`` int64 tensors ``(N,)``; ``classes``
+    names the classes by index where the source has names (``imagefolder``), else None.
     """
 
     spec: str
@@ -77,6 +104,7 @@ class Dataset:
     y_test: Tensor | None
     num_classes: int
     input_shape: tuple[int, ...]
+    classes: tuple[str, ...] | None = None
 
     def split(self, which: str) -> tuple[Tensor, Tensor]:
         """Inputs and labels of the ``"train"`` or ``"test"`` split."""
@@ -84,8 +112,9 @@ class Dataset:
             return self.x_train, self.y_train
         if which == "test":
             if self.x_test is None or self.y_test is None:
-                raise LandscapeError(f"dataset '{self.spec}' has no test split; use the train split "
-                                     "(--split train) or provide x_test and y_test")
+                raise LandscapeError(f"dataset '{self.spec}' has no test split; use the train split (--split "
+                                     "train), or give it one (x_test and y_test; for imagefolder, class folders "
+                                     "in PATH/train and PATH/val)")
             return self.x_test, self.y_test
         raise LandscapeError(f"unknown split '{which}'; use 'train' or 'test'")
 
@@ -93,12 +122,14 @@ class Dataset:
 @dataclass(frozen=True)
 class DatasetKind:
     """A built-in reader: its name (the spec's prefix), a description, whether the spec carries a
-    path (``name:PATH``) and ``load(spec, path, seed)``, with ``path`` a :class:`Path` or None."""
+    path (``name:PATH``), ``load(spec, path, seed)``, with ``path`` a :class:`Path` or None, and the
+    ``,key=value`` options the spec accepts after the path, in words ("" for none)."""
 
     name: str
     description: str
     takes_path: bool
     load: Callable[[str, Path | None, int], Dataset] = field(repr=False)
+    options: str = ""
 
     @property
     def form(self) -> str:
@@ -109,12 +140,13 @@ class DatasetKind:
 DATASETS: Registry[DatasetKind] = Registry("dataset kind")
 
 
-def register(name: str, description: str, takes_path: bool = True) -> Callable:
+def register(name: str, description: str, takes_path: bool = True, options: str = "") -> Callable:
     """Decorator adding ``load(spec, path, seed) -> Dataset`` to :data:`DATASETS` as the spec
-    ``name:PATH`` (``name`` alone without ``takes_path``). A name registered before is refused."""
+    ``name:PATH`` (``name`` alone without ``takes_path``), which accepts ``options`` (in words).
+    A name registered before is refused."""
 
     def add(load: Callable[[str, Path | None, int], Dataset]) -> Callable[[str, Path | None, int], Dataset]:
-        DATASETS.register(name, DatasetKind(name, description, takes_path, load))
+        DATASETS.register(name, DatasetKind(name, description, takes_path, load, options))
         return load
 
     return add
@@ -216,7 +248,8 @@ def import_function(spec: str, what: str, alternatives: str) -> Callable:
     return function
 
 
-def _dataset(spec: str, name: str, arrays: tuple, num_classes: int | None = None) -> Dataset:
+def _dataset(spec: str, name: str, arrays: tuple, num_classes: int | None = None,
+             classes: tuple[str, ...] | None = None) -> Dataset:
     """Build a :class:`Dataset` from ``(x, y)`` or ``(x, y, x_test, y_test)`` arrays, checking them."""
     x_train, y_train = _inputs(arrays[0], spec), _labels(arrays[1], spec)
     x_test = _inputs(arrays[2], spec) if len(arrays) > 2 else None
@@ -231,7 +264,7 @@ def _dataset(spec: str, name: str, arrays: tuple, num_classes: int | None = None
                                  f"inputs of shape {tuple(x_train.shape[1:])}; make them match")
     if num_classes is None:
         num_classes = int(max(int(y.max()) for _, y in pairs)) + 1
-    return Dataset(spec, name, x_train, y_train, x_test, y_test, num_classes, tuple(x_train.shape[1:]))
+    return Dataset(spec, name, x_train, y_train, x_test, y_test, num_classes, tuple(x_train.shape[1:]), classes)
 
 
 def _inputs(x, spec: str) -> Tensor:
@@ -369,6 +402,198 @@ def _load_npz(spec: str, path: Path, seed: int) -> Dataset:
                              "x_test with y_test if it has a test split")
     names = ("x", "y", "x_test", "y_test") if "x_test" in arrays else ("x", "y")
     return _dataset(spec, path.stem, tuple(arrays[name] for name in names))
+
+
+@dataclass(frozen=True)
+class ImageTransform:
+    """torchvision's evaluation transform of one RGB image: the shorter side resized to ``size`` pixels
+    with the Pillow filter ``resample``, the centre ``crop`` x ``crop`` cut out, scaled to [0, 1] and
+    normalised per channel by ``mean`` and ``std``."""
+
+    size: int = 256
+    crop: int = 224
+    mean: tuple[float, ...] = IMAGENET_STATS[0]
+    std: tuple[float, ...] = IMAGENET_STATS[1]
+    resample: str = "bilinear"
+
+    def __call__(self, image) -> np.ndarray:
+        """The float32 array ``(3, crop, crop)`` of a Pillow RGB ``image``."""
+        from PIL import Image
+
+        width, height = image.size
+        longer = int(self.size * max(width, height) / min(width, height))  # as torchvision's Resize
+        new_width, new_height = (self.size, longer) if width <= height else (longer, self.size)
+        image = image.resize((new_width, new_height), Image.Resampling[self.resample.upper()])
+        left, top = (int(round((side - self.crop) / 2.0)) for side in (new_width, new_height))  # as CenterCrop
+        pixels = np.asarray(image.crop((left, top, left + self.crop, top + self.crop)), dtype=np.uint8)
+        scaled = pixels.astype(np.float32) / np.float32(255)
+        normalised = (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+        return normalised.transpose(2, 0, 1)
+
+
+IMAGEFOLDER_OPTIONS = ("crop", "size", "mean", "std", "resample", "per_class")
+IMAGEFOLDER_EXAMPLE = "e.g. imagefolder:PATH,crop=32,size=36,per_class=10"
+_IMAGEFOLDER_OPTION = re.compile(r",(?=[A-Za-z_]\w*=)")  # a comma that starts the next key=value
+
+
+def parse_imagefolder(spec: str) -> tuple[Path, ImageTransform, int | None]:
+    """The folder, the transform and ``per_class`` (None: every file) of ``imagefolder:PATH[,key=value...]``.
+
+    The options start at the first comma followed by ``key=``; commas elsewhere belong to the path or value."""
+    text, *items = _IMAGEFOLDER_OPTION.split(spec.partition(":")[2])
+    if not text:
+        raise LandscapeError(f"dataset spec '{spec}' names no folder; use imagefolder:PATH ({IMAGEFOLDER_EXAMPLE})")
+    options: dict[str, str] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        if key not in IMAGEFOLDER_OPTIONS:
+            raise LandscapeError(f"dataset spec '{spec}' has the unknown option '{key}'; the options are "
+                                 f"{', '.join(IMAGEFOLDER_OPTIONS)} ({IMAGEFOLDER_EXAMPLE})")
+        if key in options:
+            raise LandscapeError(f"dataset spec '{spec}' gives '{key}' twice; give each option once")
+        options[key] = value
+    crop = _whole(options, "crop", 224, spec)
+    transform = ImageTransform(_whole(options, "size", crop * 8 // 7, spec), crop,
+                               _channels(options, "mean", IMAGENET_STATS[0], spec),
+                               _channels(options, "std", IMAGENET_STATS[1], spec),
+                               options.get("resample", "bilinear").lower())
+    if transform.crop > transform.size:
+        raise LandscapeError(f"dataset spec '{spec}' crops {crop} pixels from a shorter side resized to "
+                             f"{transform.size}; choose crop <= size")
+    if transform.resample not in RESAMPLING:
+        raise LandscapeError(f"dataset spec '{spec}' has resample={options['resample']}; use one of "
+                             f"{', '.join(RESAMPLING)}")
+    if min(transform.std) <= 0:
+        raise LandscapeError(f"dataset spec '{spec}' has std={options['std']}; the standard deviations must be > 0")
+    per_class = _whole(options, "per_class", None, spec)
+    return Path(text).expanduser(), transform, per_class
+
+
+def _whole(options: dict[str, str], key: str, default: int | None, spec: str) -> int | None:
+    """``options[key]`` as a whole number >= 1 (``default`` when absent)."""
+    if key not in options:
+        return default
+    value = options[key]
+    if not (value.isascii() and value.isdigit() and int(value) >= 1):
+        raise LandscapeError(f"dataset spec '{spec}' has {key}={value}; {key} must be a whole number >= 1 "
+                             f"({IMAGEFOLDER_EXAMPLE})")
+    return int(value)
+
+
+def _channels(options: dict[str, str], key: str, default: tuple[float, ...], spec: str) -> tuple[float, ...]:
+    """``options[key]`` as three finite numbers, one per RGB channel (``default`` when absent)."""
+    if key not in options:
+        return default
+    try:
+        values = tuple(float(part) for part in options[key].split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or not all(np.isfinite(values)):
+        raise LandscapeError(f"dataset spec '{spec}' has {key}={options[key]}; give three numbers, one per "
+                             f"RGB channel (e.g. {key}=0.5,0.5,0.5)")
+    return values
+
+
+def _image_splits(root: Path) -> tuple[Path, Path | None]:
+    """The train folder and the test folder (None: no test split) of an image folder ``root``."""
+    if not root.is_dir():
+        raise LandscapeError(f"image folder '{root}' does not exist; point imagefolder:PATH at a folder of class "
+                             "folders (PATH/<class>/*.jpg) or of train and val folders of them")
+    test = next((root / name for name in TEST_FOLDERS if (root / name).is_dir()), None)
+    if (root / "train").is_dir():
+        return root / "train", test
+    if test is not None:
+        raise LandscapeError(f"image folder '{root}' has a '{test.name}' folder but no 'train' folder; point "
+                             f"imagefolder:PATH at '{test}' to use it alone (as the train split)")
+    return root, None
+
+
+def _image_files(folder: Path, per_class: int | None) -> tuple[list[str], list[Path], np.ndarray]:
+    """Class names (sorted folder names), image files (sorted, class by class) and their labels ``(N,)``;
+    the first ``per_class`` files of each class (all if None)."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    if not classes:
+        raise LandscapeError(f"image folder '{folder}' has no class folders; put each class's images in a "
+                             "folder of its own (PATH/<class>/*.jpg)")
+    files: list[Path] = []
+    labels: list[int] = []
+    for index, name in enumerate(classes):
+        found = [Path(parent, file) for parent, _, names in sorted(os.walk(folder / name, followlinks=True))
+                 for file in sorted(names) if file.lower().endswith(IMAGE_EXTENSIONS)][:per_class]
+        if not found:
+            raise LandscapeError(f"class folder '{folder / name}' holds no images ({' '.join(IMAGE_EXTENSIONS)}); "
+                                 "add images or remove the folder (every folder there is a class)")
+        files += found
+        labels += [index] * len(found)
+    return classes, files, np.asarray(labels, dtype=np.int64)
+
+
+def _read_image(path: Path, transform: ImageTransform) -> np.ndarray:
+    """The transformed ``(3, crop, crop)`` float32 array of the image file ``path``."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return transform(image.convert("RGB"))
+    except Exception as error:  # any failure means the file is not a readable image
+        detail = (str(error).strip().splitlines() or [""])[0]
+        raise LandscapeError(f"cannot read image '{path}' ({type(error).__name__}: {detail}); replace the file "
+                             "with a readable image or delete it") from None
+
+
+def _decode(files: Sequence[Path], transform: ImageTransform, desc: str) -> Tensor:
+    """Every image of ``files`` through ``transform``: float32 ``(N, 3, crop, crop)``, decoded by a thread
+    pool (Pillow releases the GIL) straight into place, with a progress bar on stderr after 2 s (when stderr
+    is a terminal or LANDSCAPE_PROGRESS is set)."""
+    from tqdm import tqdm
+
+    images = torch.empty((len(files), 3, transform.crop, transform.crop), dtype=torch.float32)
+    array = images.numpy()
+
+    def decode(index: int) -> None:
+        array[index] = _read_image(files[index], transform)
+
+    hidden = not (sys.stderr.isatty() or os.environ.get("LANDSCAPE_PROGRESS"))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    with ThreadPoolExecutor(min(32, cores)) as pool, \
+            tqdm(total=len(files), desc=desc, unit="image", file=sys.stderr, delay=2.0, leave=False,
+                 disable=hidden) as bar:
+        for start in range(0, len(files), DECODE_BLOCK):
+            stop = min(start + DECODE_BLOCK, len(files))
+            for _ in pool.map(decode, range(start, stop)):  # the first unreadable file, in order, raises
+                bar.update()
+    return images
+
+
+@register("imagefolder", "images in a folder per class, PATH/<class>/* (or PATH/train/<class>/* and "
+          "PATH/val/<class>/*); class index = place of the folder name in sorted order; resized and centre-cropped",
+          options="crop=224, size=crop*8//7 (256), mean=0.485,0.456,0.406, std=0.229,0.224,0.225, "
+                  "resample=bilinear, per_class=all (e.g. imagefolder:~/imagenet/val,per_class=10)")
+def _load_imagefolder(spec: str, path: Path, seed: int) -> Dataset:
+    """Class-per-folder images with torchvision's evaluation transform (see the module docstring)."""
+    root, transform, per_class = parse_imagefolder(spec)
+    train, test = _image_splits(root)
+    classes, train_files, y_train = _image_files(train, per_class)
+    test_files: list[Path] = []
+    y_test = None
+    if test is not None:
+        test_classes, test_files, y_test = _image_files(test, per_class)
+        if test_classes != classes:
+            only_train, only_test = sorted(set(classes) - set(test_classes)), sorted(set(test_classes) - set(classes))
+            raise LandscapeError(f"image folder '{root}' has other class folders in {train.name} and {test.name} "
+                                 f"(only in {train.name}: {', '.join(only_train) or 'none'}; only in {test.name}: "
+                                 f"{', '.join(only_test) or 'none'}); give both the same class folders, so that "
+                                 "their class indices agree")
+    count = len(train_files) + len(test_files)
+    require(f"decoding {count:,} images of '{root}' to float32 3x{transform.crop}x{transform.crop}",
+            f"decode fewer (e.g. imagefolder:PATH,per_class=10: the first 10 files of each class) or smaller images "
+            f"(crop=); --subset does not help, it is drawn after the whole folder is decoded",
+            memory=4.0 * count * 3 * transform.crop ** 2)
+    x_train = _decode(train_files, transform, f"decoding {train}")
+    if test is None:
+        return _dataset(spec, root.resolve().name, (x_train, y_train), len(classes), tuple(classes))
+    x_test = _decode(test_files, transform, f"decoding {test}")
+    return _dataset(spec, root.resolve().name, (x_train, y_train, x_test, y_test), len(classes), tuple(classes))
 
 
 def _load_user(spec: str) -> Dataset:
