@@ -103,7 +103,8 @@ def path_axis(text: str | None, name: str) -> Any:
         try:
             return int(text[5:])
         except ValueError:
-            raise click.UsageError(f"{name} auto:N needs a whole number of points, e.g. auto:51; got {text!r}") from None
+            raise click.UsageError(f"{name} auto:N needs a whole number of points, e.g. auto:51; "
+                                   f"got {text!r}") from None
     return parse_grid(text, name)
 
 
@@ -187,8 +188,8 @@ def surface(checkpoint: str, directions: str, x_axis: str | None, y_axis: str | 
         given = [flag for flag, value in (("--1d", one_d), ("--norm", norm), ("--orthogonal", orthogonal),
                                           ("--x-target", x_target)) if value]
         if given:
-            raise LandscapeError(f"{', '.join(given)} do(es) not apply to PCA directions (a plane of unit vectors); "
-                                 "drop it, or use --directions random")
+            raise LandscapeError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to PCA "
+                                 "directions (a plane of unit vectors); drop it, or use --directions random")
         run_pca_surface(checkpoint, [directions[4:]], None, x_axis, y_axis, include_biasbn, bn_recompute, split, out,
                         overwrite, resume, seed, options)
         return

@@ -68,7 +68,7 @@ def _open(path: str | Path, mode: str) -> h5py.File:
                              "the file is corrupt or not a results file: move it aside or choose another --out") from None
 
 
-def _encode_attr(value: Any) -> Any:
+def encode_attr(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, (dict, list, tuple)):
@@ -76,7 +76,7 @@ def _encode_attr(value: Any) -> Any:
     return value
 
 
-def _decode_attr(value: Any) -> Any:
+def decode_attr(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str) and value.startswith(_JSON_PREFIXES):
@@ -89,7 +89,7 @@ def _decode_attr(value: Any) -> Any:
 
 def _write_tree(group: h5py.Group, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
     for key, value in attrs.items():
-        group.attrs[key] = _encode_attr(value)
+        group.attrs[key] = encode_attr(value)
     for name, value in arrays.items():
         if isinstance(value, Mapping):
             _write_tree(group.create_group(name), value, {})
@@ -101,7 +101,7 @@ def _read_tree(group: h5py.Group) -> tuple[dict[str, Any], dict[str, Any]]:
     arrays: dict[str, Any] = {}
     for name, item in group.items():
         arrays[name] = _read_tree(item)[0] if isinstance(item, h5py.Group) else item[()]
-    return arrays, {k: _decode_attr(v) for k, v in group.attrs.items()}
+    return arrays, {k: decode_attr(v) for k, v in group.attrs.items()}
 
 
 def fsync(path: Path) -> None:
@@ -201,7 +201,7 @@ def read_group(path: str | Path, group: str) -> tuple[dict[str, Any], dict[str, 
 def list_groups(path: str | Path) -> dict[str, dict[str, Any]]:
     """Top-level groups of a results file with their decoded attributes."""
     with _open(path, "r") as handle:
-        return {name: {k: _decode_attr(v) for k, v in item.attrs.items()} for name, item in handle.items()}
+        return {name: {k: decode_attr(v) for k, v in item.attrs.items()} for name, item in handle.items()}
 
 
 def provenance(config: Mapping[str, Any], source: Mapping[str, Any], seed: int | None,
@@ -269,7 +269,7 @@ def resume_complete(path: str | Path, group: str, wanted: Mapping[str, Any], *, 
             return False
         if not resume:
             _refuse_existing(handle, path, group, False)
-        check_resume(f"/{group} of {path}", {k: _decode_attr(v) for k, v in handle[group].attrs.items()}, wanted)
+        check_resume(f"/{group} of {path}", {k: decode_attr(v) for k, v in handle[group].attrs.items()}, wanted)
     return True
 
 
@@ -336,7 +336,7 @@ class IncrementalGroup:
                 return
             self._create(attrs, static)
         with _open(self.partial, "r") as handle:
-            check_resume(str(self.partial), {k: _decode_attr(v) for k, v in handle.attrs.items()}, attrs)
+            check_resume(str(self.partial), {k: decode_attr(v) for k, v in handle.attrs.items()}, attrs)
             self.offsets = self._layout(handle)
             self._done = handle["done"][()]
         self.fd = os.open(self.partial, os.O_RDWR)

@@ -53,10 +53,10 @@ from __future__ import annotations
 import contextlib
 import glob
 import hashlib
-import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,7 +71,7 @@ from landscape import distributed
 from landscape.errors import LandscapeError
 from landscape.params import is_filtered
 from landscape.resources import require
-from landscape.store import fsync, pwrite
+from landscape.store import decode_attr, encode_attr, fsync, pwrite
 
 FORMAT = "landscape-trajectory/1"
 GROUP = "trajectory"
@@ -127,19 +127,6 @@ def _layout(model: nn.Module, schedule: Schedule, steps_per_epoch: int, total_st
             "rows": len(schedule.steps(steps_per_epoch, total_steps))}
 
 
-def _attr(value: Any) -> Any:
-    """An attribute as stored: lists as JSON (the results store's convention, so ``landscape info`` reads them)."""
-    return json.dumps(value) if isinstance(value, list) else value
-
-
-def _read_attr(value: Any) -> Any:
-    if isinstance(value, bytes):
-        value = value.decode()
-    if isinstance(value, str) and value.startswith("["):
-        return json.loads(value)
-    return value.item() if isinstance(value, np.generic) else value
-
-
 class TrajectoryWriter:
     """A training callback that records the weights along the run into the trajectory file ``path``
     (see the module docstring): ``train_model(..., callbacks=[TrajectoryWriter("runs/sgd_trajectory.h5")])``.
@@ -148,6 +135,7 @@ class TrajectoryWriter:
     figures (e.g. the optimizer); ``checkpoint`` is recorded as the checkpoint of the final weights.
     A run that starts afresh refuses an existing file unless ``overwrite`` (or ``resume``: the interrupted
     run it would continue left no training state, so it starts over); a resumed run continues the file.
+    A run stopped early by non-finite weights ends at its last scheduled snapshot before them.
     """
 
     def __init__(self, path: str | os.PathLike, every: str | int | Schedule = 1, *, label: str = "",
@@ -211,7 +199,7 @@ class TrajectoryWriter:
             group = handle.create_group(GROUP)
             checkpoint = os.path.relpath(self.checkpoint, self.path.parent) if self.checkpoint else ""
             for key, value in {"format": FORMAT, **layout, "label": self.label, "checkpoint": checkpoint}.items():
-                group.attrs[key] = _attr(value)
+                group.attrs[key] = encode_attr(value)
             for name, dtype, shape, fill in (("weights", "<f4", (layout["rows"], width), None),
                                              ("step", "<i8", (layout["rows"],), -1),
                                              ("epoch", "<f8", (layout["rows"],), np.nan),
@@ -257,7 +245,7 @@ def _header(path: Path) -> tuple[dict[str, Any], np.ndarray]:
             if not isinstance(group, h5py.Group) or "done" not in group:
                 raise LandscapeError(f"{path} is not a trajectory file (no /{GROUP}); give one written by "
                                      "`landscape train --save-every`, or checkpoints")
-            return {key: _read_attr(value) for key, value in group.attrs.items()}, group["done"][()]
+            return {key: decode_attr(value) for key, value in group.attrs.items()}, group["done"][()]
     except OSError as error:
         raise LandscapeError(f"cannot read the trajectory {path} ({type(error).__name__}); the file is damaged: "
                              "record it again") from None
@@ -365,6 +353,9 @@ def _from_file(path: Path) -> Trajectory:
         raise LandscapeError(f"{path} has format {attrs.get('format')!r}, not {FORMAT}; record it again with "
                              "`landscape train --save-every`")
     rows = int(np.argmin(done)) if not done.all() else len(done)  # written rows come first, in order
+    if rows < len(done):
+        warnings.warn(f"the trajectory {path} holds {rows} of its {len(done)} snapshots (its run is still going, "
+                      "was killed or stopped early); using those", stacklevel=2)
     with h5py.File(path, "r") as handle:
         steps = handle[GROUP]["step"][:rows]
     return Trajectory(attrs.get("label") or path.stem, list(attrs["names"]), [tuple(s) for s in attrs["shapes"]],
@@ -411,8 +402,9 @@ def _from_checkpoints(spec: str, files: Sequence[str], like: Mapping[str, Tensor
         missing = [n for n in like if n not in state]
         misshaped = [n for n in like if n in state and tuple(state[n].shape) != tuple(like[n].shape)]
         if missing or misshaped:
+            wrong = misshaped[0] if misshaped else ""
             detail = (f"lacks {', '.join(missing[:3])}" if missing else
-                      f"has {misshaped[0]} shaped {tuple(state[misshaped[0]].shape)}, not {tuple(like[misshaped[0]].shape)}")
+                      f"has {wrong} shaped {tuple(state[wrong].shape)}, not {tuple(like[wrong].shape)}")
             raise LandscapeError(f"checkpoint {name} of the trajectory {spec!r} {detail}: it is not of the model's "
                                  "architecture; every checkpoint of a path must be")
         matrix[row] = torch.cat([state[n].detach().reshape(-1) for n in like]).to(torch.float32).numpy()

@@ -157,7 +157,9 @@ def test_pca_surface_equals_hand_built_perturbed_models(digits):
     signs = np.sign(np.sum(stored * directions, axis=1))
     d1, d2 = (dict(zip(names, np.split(signs[k] * directions[k], np.cumsum([int(np.prod(s)) for s in shapes])[:-1])))
               for k in range(2))
-    moves = lambda a, b: {n: torch.from_numpy(a * d1[n] + b * d2[n]).view(s) for n, s in zip(names, shapes)}  # noqa: E731
+
+    def moves(a: float, b: float) -> dict[str, torch.Tensor]:
+        return {n: torch.from_numpy(a * d1[n] + b * d2[n]).view(s) for n, s in zip(names, shapes)}
     expected = np.array([[plain_loss(perturbed(model, moves(a, b)), x, y) for b in ys] for a in xs])
     assert_close(result["train_loss"], expected[..., 0], 1e-9, "loss on the PCA plane (x along axis 0)")
     assert_close(result["train_acc"], expected[..., 1], 1e-12, "accuracy on the PCA plane")
@@ -191,6 +193,30 @@ def test_covering_grid_spans_every_path_and_the_origin_with_a_margin(digits):
         assert_close([grid[0], grid[-1]], [(low[axis] + high[axis] - span) / 2, (low[axis] + high[axis] + span) / 2],
                      1e-12, name, atol=1e-12)
     assert list(result["trajectory_path"]) == [0] * 6 + [1] * 6 and result.attrs["trajectory_labels"] == ["sgd", "sam"]
+
+
+def test_an_interrupted_pca_surface_resumes_to_the_same_bits_and_refuses_another_trajectory(digits, tmp_path):
+    x, y, _ = eval_subset(*digits.split("train"), 64, 0)
+    objective = Objective(make_model("mlp"), x, y)
+    base = flat(p.detach() for p in objective.params.values())
+    shapes = [tuple(p.shape) for p in objective.params.values()]
+    rng = np.random.default_rng(2)
+    path, other = (Trajectory("sgd", list(objective.params), shapes, np.arange(5), {"label": "sgd"},
+                              (base + rng.normal(size=(5, len(base))) * 0.1).astype(np.float32)) for _ in range(2))
+    options = {"evaluator_options": {"stack_points": 2}, "flush_seconds": 0}
+    whole = pca_surface(objective, [path], 4, 3, out=tmp_path / "whole.h5", **options)
+
+    def stop(done: int, total: int) -> None:
+        if 0 < done < total:
+            raise Interrupted
+    with pytest.raises(Interrupted):
+        pca_surface(objective, [path], 4, 3, out=tmp_path / "part.h5", progress=stop, **options)
+    with pytest.raises(LandscapeError, match=r"cannot resume .* options differ \(trajectories, x, y\)"):
+        pca_surface(objective, [other], 4, 3, out=tmp_path / "part.h5", resume=True, **options)
+    resumed = pca_surface(objective, [path], 4, 3, out=tmp_path / "part.h5", resume=True, **options)
+    assert whole.arrays.keys() == resumed.arrays.keys()
+    for name, values in whole.arrays.items():
+        assert np.array_equal(values, resumed.arrays[name], equal_nan=True), name
 
 
 # -- recording along training -----------------------------------------------------------------------------
@@ -231,7 +257,8 @@ def test_a_killed_and_resumed_run_records_every_snapshot_once(tmp_path, digits):
                     callbacks=[TrajectoryWriter(path, "4steps"), StepCounter(interrupt_at=9)])
     assert list(read_rows(path)[2]) == [True, True, True, False, False, False]  # steps 0, 4, 8
     assert torch.load(state_path(out), weights_only=True)["callbacks"][0] == {"rows": 2}  # state of epoch 1
-    with pytest.raises(LandscapeError, match=r"every 4steps of 18 steps, this run takes them every 3steps of 18; rerun with --save-every 4steps"):
+    with pytest.raises(LandscapeError, match=r"every 4steps of 18 steps, this run takes them every 3steps of 18; "
+                                             r"rerun with --save-every 4steps"):
         train_model(digits, "cnn", "sgd", out=str(out), resume=True, **options,
                     callbacks=[TrajectoryWriter(path, "3steps", resume=True), StepCounter()])
     with pytest.raises(Interrupted):  # resumed from step 6, dies again at step 7: step 8's row is not the run's
@@ -275,7 +302,8 @@ def test_trajectory_command_draws_both_paths_on_one_plane_and_refuses_another_on
     assert list(arrays["trajectory_step"]) == [0, 6, 12, 18, 24] * 2
     assert abs(arrays["trajectory_x"][4]) < 1e-6 and abs(arrays["trajectory_y"][4]) < 1e-6, "SGD ends at the origin"
     assert arrays["trajectory_x"][0] == arrays["trajectory_x"][5], "both runs start from the same initial weights"
-    assert [t["path"] for t in attrs["config"]["trajectories"]] == [str(runs / f"{n}_trajectory.h5") for n in ("sgd", "sam")]
+    assert [t["path"] for t in attrs["config"]["trajectories"]] == \
+        [str(runs / f"{n}_trajectory.h5") for n in ("sgd", "sam")]
     again = invoke(*arguments, "--resume")
     assert again.exit_code == 0 and again.output.splitlines()[-1] == result.output.splitlines()[-1]
     swapped = invoke("trajectory", runs / "sam_trajectory.h5", runs / "sgd_trajectory.h5", "--final", runs / "sgd.pt",
@@ -301,7 +329,8 @@ def test_surface_with_pca_directions_of_a_glob_of_foreign_checkpoints(runs, tmp_
     from_glob = invoke("surface", runs / "sgd.pt", "--directions", f"pca:{folder}/epoch_*.pt",
                        "--x", "auto:3", "--y", "auto:3", "--subset", 64, "--out", tmp_path / "glob.h5")
     assert from_file.exit_code == 0 and from_glob.exit_code == 0, from_file.output + from_glob.output
-    (file_arrays, file_attrs), (glob_arrays, glob_attrs) = (read_group(tmp_path / n, "surface") for n in ("file.h5", "glob.h5"))
+    (file_arrays, file_attrs), (glob_arrays, glob_attrs) = (read_group(tmp_path / n, "surface")
+                                                            for n in ("file.h5", "glob.h5"))
     for name in ("trajectory_x", "trajectory_y", "train_loss", "xdirection", "ydirection"):
         assert np.array_equal(file_arrays[name], glob_arrays[name]), name
     assert list(glob_arrays["trajectory_step"]) == [-1] * 5
@@ -330,9 +359,11 @@ def test_bad_trajectories_are_one_line_with_exit_code_2(runs, tmp_path):
     assert_input_error(invoke("trajectory", tmp_path / "nothing*.pt", "--final", checkpoint, *common),
                        "no checkpoint found")
     assert_input_error(invoke("trajectory", tmp_path / "bad.h5", "--final", checkpoint, *common), "no checkpoint found")
-    assert_input_error(invoke("surface", checkpoint, "--directions", f"pca:{runs / 'sgd_trajectory.h5'}", "--orthogonal",
-                              *common), "--orthogonal", "do(es) not apply to PCA directions")
-    assert_input_error(invoke("surface", checkpoint, "--directions", "pcb", *common), "--directions takes random or pca")
+    pca = f"pca:{runs / 'sgd_trajectory.h5'}"
+    assert_input_error(invoke("surface", checkpoint, "--directions", pca, "--orthogonal", *common),
+                       "--orthogonal does not apply to PCA directions")
+    assert_input_error(invoke("surface", checkpoint, "--directions", "pcb", *common),
+                       "--directions takes random or pca")
     assert_input_error(invoke("train", "--save-every", "0", "--out", tmp_path / "x.pt"), "--save-every takes N")
     assert_input_error(invoke("train", "--save-every", "2days", "--out", tmp_path / "x.pt"), "--save-every takes N")
     assert_input_error(invoke("train", "--trajectory", tmp_path / "t.h5", "--out", tmp_path / "x.pt"),

@@ -139,6 +139,12 @@ def _axis(values: Any, name: str) -> np.ndarray:
     return axis
 
 
+def _stored(directions: Sequence[Mapping[str, Tensor]]) -> dict[str, np.ndarray]:
+    """``xdirection`` (``ydirection``): each direction as the flat float32 vector a surface stores."""
+    return {f"{axis}direction": flatten(d).detach().to("cpu", torch.float32).numpy()
+            for axis, d in zip("xy", directions)}
+
+
 def _grid(result_type: type[Result], objectives: Mapping[str, Objective], directions: Sequence[Mapping[str, Tensor]],
           coordinates: Sequence[np.ndarray], static: Mapping[str, Any], config: dict[str, Any], extra: dict[str, Any],
           seed: int | None, *, out: str | Path | None, resume: bool, overwrite: bool, bn_recompute: bool,
@@ -206,9 +212,7 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
     target, target_info = (target_state(x_target, objective.params) if x_target is not None else (None, None))
     directions = surface_directions(objective.params, len(coordinates), seed=seed, normalization=normalization,
                                     include_biasbn=include_biasbn, orthogonal=orthogonal, x_target=target)
-    static = {f"{axis}coordinates": values for axis, values in zip("xy", coordinates)}
-    static.update({f"{axis}direction": flatten(d).detach().to("cpu", torch.float32).numpy()
-                   for axis, d in zip("xy", directions)})
+    static = {**{f"{axis}coordinates": values for axis, values in zip("xy", coordinates)}, **_stored(directions)}
     config = {"x": coordinates[0].tolist(), "y": coordinates[1].tolist() if y is not None else None,
               "normalization": normalization if target is None else "target", "include_biasbn": include_biasbn,
               "orthogonal": orthogonal, "x_target": target_info, "direction_seed": seed}
@@ -267,9 +271,7 @@ def pca_surface(objective: Objective, trajectories: Sequence[Trajectory], x: Any
     points = np.concatenate(plane.coordinates)
     coordinates = _covering_axes(x, y, points)
     _grid_room(out, objectives, coordinates, SurfaceResult.group)
-    static = {"xcoordinates": coordinates[0], "ycoordinates": coordinates[1],
-              "xdirection": flatten(plane.directions[0]).detach().to("cpu", torch.float32).numpy(),
-              "ydirection": flatten(plane.directions[1]).detach().to("cpu", torch.float32).numpy(),
+    static = {"xcoordinates": coordinates[0], "ycoordinates": coordinates[1], **_stored(plane.directions),
               "trajectory_x": points[:, 0], "trajectory_y": points[:, 1],
               "trajectory_path": np.concatenate([np.full(t.rows, k) for k, t in enumerate(trajectories)]),
               "trajectory_step": np.concatenate([t.steps for t in trajectories]).astype(np.int64)}
