@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "optimizers": ("landscape.cli.train", "optimizers", "List the registered optimizers and their defaults."),
     "hessian": ("landscape.cli.hessian", "hessian", "Hessian spectrum: top-k eigenvalues, density (SLQ), trace."),
     "surface": ("landscape.cli.surface", "surface", "Filter-normalised 1-D/2-D loss surface (resumable)."),
+    "trajectory": ("landscape.cli.trajectory", "trajectory", "Optimizer paths on one PCA plane with its loss surface."),
     "interpolate": ("landscape.cli.surface", "interpolate", "Loss along the line between two checkpoints."),
     "radius": ("landscape.cli.surface", "radius", "Perturbed loss versus radius: adversarial (SAM) vs random."),
     "cosine": ("landscape.cli.diagnostics", "cosine", "Gradient cosine stability and perturbed loss (R-SAM)."),

@@ -30,7 +30,8 @@ _with_both_splits = eval_options(
     split_help="Which split's loss and accuracy: train, test, or both at the same points.")
 
 
-def _common(function: Callable) -> Callable:
+def surface_options(function: Callable) -> Callable:
+    """The options of every command that evaluates a grid around a checkpoint (surface, interpolate, trajectory)."""
     for decorator in reversed((data_option, _with_both_splits, arch_options, device_option, seed_option,
                                out_option("landscape.h5"), overwrite_options)):
         function = decorator(function)
@@ -90,54 +91,122 @@ def _run_with_bar(desc: str, unit: str, function: Callable[..., Any], **kwargs: 
         bar.close()
 
 
+PATH_POINTS = 51  # grid points per axis covering projected paths, unless --x/--y say otherwise
+
+
+def path_axis(text: str | None, name: str) -> Any:
+    """A PCA grid axis: ``auto`` or ``auto:N`` (N points covering the projected paths; the default, N = 51),
+    or coordinates as :func:`parse_grid` reads them."""
+    if text is None or text == "auto":
+        return PATH_POINTS
+    if text.startswith("auto:"):
+        try:
+            return int(text[5:])
+        except ValueError:
+            raise click.UsageError(f"{name} auto:N needs a whole number of points, e.g. auto:51; "
+                                   f"got {text!r}") from None
+    return parse_grid(text, name)
+
+
+def run_pca_surface(checkpoint: str, specs: list[str], labels: list[str] | None, x_axis: str | None,
+                    y_axis: str | None, include_biasbn: bool, bn_recompute: bool, split: str, out: str,
+                    overwrite: bool, resume: bool, seed: int, options: dict[str, Any]) -> None:
+    """The surface on the PCA plane of the trajectories ``specs`` around ``checkpoint``, printed and written."""
+    from landscape.analysis.surface import pca_surface
+    from landscape.engine import tune_allocator
+    from landscape.trajectory import load_trajectory
+
+    if labels is not None and len(labels) != len(specs):
+        raise LandscapeError(f"--labels gives {len(labels)} label(s) for {len(specs)} trajectories; give one each")
+    x, y = path_axis(x_axis, "--x"), path_axis(y_axis, "--y")
+    first, test = _objectives(checkpoint, split, seed, options)
+    trajectories = [load_trajectory(spec, first.params, label=labels[k] if labels else None, trust=options["trust"],
+                                    model=f"the model of {checkpoint}") for k, spec in enumerate(specs)]
+    tune_allocator()
+    result = _run_with_bar("surface", "pt", pca_surface, objective=first, trajectories=trajectories, x=x, y=y,
+                           test_objective=test, include_biasbn=include_biasbn, bn_recompute=bn_recompute, out=out,
+                           resume=resume, overwrite=overwrite)
+    click.echo(result.summary())
+    shape = "x".join(str(n) for n in np.shape(result[f"{result.attrs['config']['splits'][0]}_loss"]))
+    click.echo(f"wrote {out} /surface ({shape} grid, {len(specs)} path{'s' if len(specs) > 1 else ''})")
+
+
 @click.command()
 @click.argument("checkpoint")
-@click.option("--x", "x_axis", default="-1:1:51", show_default=True, metavar="LO:HI:N",
-              help="Coordinates along direction 1: N points from LO to HI, or a comma-separated list.")
-@click.option("--y", "y_axis", default="-1:1:51", show_default=True, metavar="LO:HI:N",
-              help="Coordinates along direction 2 (ignored with --1d).")
+@click.option("--directions", default="random", show_default=True, metavar="random|pca:TRAJ",
+              help="random: seeded Gaussian directions (Li et al.); pca:TRAJ: the top two principal components of "
+                   "the trajectory TRAJ (a file of `landscape train --save-every`, or quoted globs, folders or "
+                   "comma-separated checkpoints), which is drawn projected on the plane.")
+@click.option("--x", "x_axis", default=None, metavar="LO:HI:N",
+              help="Coordinates along direction 1: N points from LO to HI, or a comma-separated list "
+                   "[default: -1:1:51; with pca: auto:51, 51 points covering the path and the origin with 20% "
+                   "to spare on each side, both axes over the same length].")
+@click.option("--y", "y_axis", default=None, metavar="LO:HI:N",
+              help="Coordinates along direction 2 (ignored with --1d) [default: as --x].")
 @click.option("--1d", "one_d", is_flag=True, default=False, help="A 1-D slice along direction 1 only.")
-@click.option("--norm", default="filter", show_default=True, type=click.Choice(["filter", "layer", "none"]),
-              help="Direction normalisation: per filter (Li et al.), per layer, or none.")
+@click.option("--norm", default=None, type=click.Choice(["filter", "layer", "none"]),
+              help="Direction normalisation of random directions: per filter (Li et al.; the default), per layer, "
+                   "or none. PCA directions are unit vectors, not normalised (as Li et al.).")
 @click.option("--include-biasbn", is_flag=True, default=False,
-              help="Also move biases and BatchNorm weights (they get zero direction by default).")
+              help="Also move biases and BatchNorm weights (they get zero direction by default); with pca they "
+                   "also take part in the PCA.")
 @click.option("--orthogonal", is_flag=True, default=False, help="Make direction 2 orthogonal to direction 1.")
 @click.option("--x-target", default=None, metavar="CKPT",
               help="Direction 1 points to this checkpoint (x = 1 lands on it), unnormalised.")
 @click.option("--bn-recompute", is_flag=True, default=False,
               help="Recompute BatchNorm running statistics at every point (stale statistics inflate the loss "
                    "away from the origin); costs one extra pass per point.")
-@_common
-def surface(checkpoint: str, x_axis: str, y_axis: str, one_d: bool, norm: str, include_biasbn: bool,
-            orthogonal: bool, x_target: str | None, bn_recompute: bool, split: str, out: str, overwrite: bool,
-            resume: bool, seed: int, **options: Any) -> None:
-    """Loss and accuracy on L(w + a d1 + b d2) with filter-normalised random directions (Li et al. 2018).
+@surface_options
+def surface(checkpoint: str, directions: str, x_axis: str | None, y_axis: str | None, one_d: bool, norm: str | None,
+            include_biasbn: bool, orthogonal: bool, x_target: str | None, bn_recompute: bool, split: str, out: str,
+            overwrite: bool, resume: bool, seed: int, **options: Any) -> None:
+    """Loss and accuracy on L(w + a d1 + b d2) with filter-normalised random directions (Li et al. 2018),
+    or the top two principal components of an optimizer's trajectory (--directions pca:TRAJ, Li et al. Sec. 7).
 
     Writes /surface of --out point by point (Li et al.'s names: xcoordinates, ycoordinates,
     train_loss, train_acc, test_loss, test_acc, shaped (len(x), len(y)); plus the directions and a
     done mask). A killed run continues with --resume; divergent points are stored as inf/NaN.
+    With pca:TRAJ, CHECKPOINT (usually the trajectory's final weights) is the origin, and the path
+    projected on the plane is stored too (trajectory_x, trajectory_y, ...) and drawn by `landscape plot`;
+    several paths on one plane: `landscape trajectory`.
 
     \b
     Examples:
       landscape surface runs/sam.pt --out runs/sam.h5
       landscape surface runs/sgd.pt --x -1:1:101 --1d --split both --subset 1000
       landscape surface runs/sgd.pt --x-target runs/sam.pt --y -0.5:0.5:21 --orthogonal --resume
+      landscape surface runs/sgd.pt --directions pca:runs/sgd_trajectory.h5 --out runs/sgd_pca.h5
+      landscape surface ckpts/epoch_200.pt --arch resnet18 --directions 'pca:ckpts/epoch_*.pt' --data cifar10:data
     Python:
       landscape.loss_surface(landscape.load_objective("runs/sam.pt"), out="runs/sam.h5")
+      landscape.pca_surface(objective, [landscape.load_trajectory("runs/sam_trajectory.h5", objective.params)])
     """
     from landscape.analysis.surface import loss_surface
     from landscape.engine import tune_allocator
 
-    x = parse_grid(x_axis, "--x")
-    y = None if one_d else parse_grid(y_axis, "--y")
+    if directions.startswith("pca:"):
+        given = [flag for flag, value in (("--1d", one_d), ("--norm", norm), ("--orthogonal", orthogonal),
+                                          ("--x-target", x_target)) if value]
+        if given:
+            raise LandscapeError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to PCA "
+                                 "directions (a plane of unit vectors); drop it, or use --directions random")
+        run_pca_surface(checkpoint, [directions[4:]], None, x_axis, y_axis, include_biasbn, bn_recompute, split, out,
+                        overwrite, resume, seed, options)
+        return
+    if directions != "random":
+        raise click.UsageError(f"--directions takes random or pca:TRAJ (e.g. pca:runs/sgd_trajectory.h5); "
+                               f"got {directions!r}")
+    x = parse_grid(x_axis or "-1:1:51", "--x")
+    y = None if one_d else parse_grid(y_axis or "-1:1:51", "--y")
     if orthogonal and one_d:
         raise LandscapeError("--orthogonal needs two directions; drop --1d or --orthogonal")
     first, test = _objectives(checkpoint, split, seed, options)
     target = _other_checkpoint(x_target, options) if x_target else None
     tune_allocator()
     result = _run_with_bar("surface", "pt", loss_surface, objective=first, x=x, y=y, test_objective=test,
-                           normalization=norm, include_biasbn=include_biasbn, orthogonal=orthogonal, x_target=target,
-                           bn_recompute=bn_recompute, seed=seed, out=out, resume=resume, overwrite=overwrite)
+                           normalization=norm or "filter", include_biasbn=include_biasbn, orthogonal=orthogonal,
+                           x_target=target, bn_recompute=bn_recompute, seed=seed, out=out, resume=resume,
+                           overwrite=overwrite)
     click.echo(result.summary())
     shape = "x".join(str(n) for n in np.shape(result[f"{result.attrs['config']['splits'][0]}_loss"]))
     click.echo(f"wrote {out} /surface ({shape} grid)")
@@ -152,7 +221,7 @@ def surface(checkpoint: str, x_axis: str, y_axis: str, one_d: bool, norm: str, i
               help="Interpolate BatchNorm running statistics too (otherwise A's are used throughout).")
 @click.option("--bn-recompute", is_flag=True, default=False,
               help="Recompute BatchNorm running statistics at every α instead.")
-@_common
+@surface_options
 def interpolate(checkpoint_a: str, checkpoint_b: str, alphas: str, move_buffers: bool, bn_recompute: bool,
                 split: str, out: str, overwrite: bool, resume: bool, seed: int, **options: Any) -> None:
     """Loss and accuracy along the line from CHECKPOINT_A (α = 0) to CHECKPOINT_B (α = 1).

@@ -60,9 +60,15 @@ def parse_opt_args(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--resume", is_flag=True, default=False,
               help="Continue the interrupted run whose training state is OUT.state (same options and data).")
 @click.option("--overwrite", is_flag=True, default=False, help="Discard an interrupted run's OUT.state and start over.")
+@click.option("--save-every", default=None, metavar="K|Ksteps",
+              help="Record the weights along the run: at the start, every K epochs (1, 2epochs) or K optimizer "
+                   "steps (50steps), and at the end, into --trajectory (for `landscape trajectory`).")
+@click.option("--trajectory", "trajectory_path", default=None, type=click.Path(dir_okay=False),
+              help="Trajectory file of --save-every [default: OUT without its suffix + _trajectory.h5].")
 def train(data: str, arch: str, arch_kwargs: dict | None, optimizer: str, opt_args: tuple[str, ...],
           lr: float | None, weight_decay: float | None, momentum: float | None, batch_size: int, epochs: int,
-          cosine: bool, seed: int, device: str, out: str, resume: bool, overwrite: bool) -> None:
+          cosine: bool, seed: int, device: str, out: str, resume: bool, overwrite: bool, save_every: str | None,
+          trajectory_path: str | None) -> None:
     """Train a model with any registered optimizer and write a checkpoint.
 
     Prints the final train and test accuracy. m-RWP/m-ARWP use two batches per step.
@@ -70,6 +76,10 @@ def train(data: str, arch: str, arch_kwargs: dict | None, optimizer: str, opt_ar
     before it to --out (marked stopped_early in its metadata) and exits with code 2.
     The training state goes to OUT.state at every epoch end; --resume continues from it (also on
     another number of ranks); it is removed when the run ends.
+
+    --save-every K records the weights (float32, one row per snapshot) at step 0, every K epochs
+    (or K steps with Ksteps) and at the last step into one HDF5 file, written crash-safely and
+    resumed with the run; `landscape trajectory` draws the paths on their PCA plane.
 
     Under torchrun the model trains data-parallel (DistributedDataParallel): --batch-size is the
     global batch, each rank takes its contiguous share, rank 0 prints and writes. SAM-family
@@ -83,18 +93,27 @@ def train(data: str, arch: str, arch_kwargs: dict | None, optimizer: str, opt_ar
       landscape train --optimizer sam --opt-args 'rho=0.1 base=adamw' --lr 3e-3 --out runs/sam.pt
       torchrun --standalone --nproc-per-node 2 -m landscape train --optimizer mrwp --opt-args parallel=true
       torchrun --standalone --nproc-per-node 4 -m landscape train --optimizer sam --out runs/sam.pt --resume
+      landscape train --optimizer sam --save-every 1 --out runs/sam.pt     # + runs/sam_trajectory.h5
     Python: landscape.train_model("digits", "cnn", "sam", epochs=5, opt_args={"rho": 0.1}, out="runs/sam.pt")
     """
     from landscape.train import train_model
+    from landscape.trajectory import TrajectoryWriter, default_path
 
+    if trajectory_path is not None and save_every is None:
+        raise click.UsageError("--trajectory names the file of --save-every; pass --save-every K too")
+    callbacks = [] if save_every is None else [
+        TrajectoryWriter(trajectory_path or default_path(out), save_every, label=optimizer, checkpoint=out,
+                         resume=resume, overwrite=overwrite)]
     result = train_model(data, arch, optimizer, epochs=epochs, batch_size=batch_size, lr=lr,
                          weight_decay=weight_decay, momentum=momentum, opt_args=parse_opt_args(opt_args),
                          arch_kwargs=arch_kwargs, cosine=cosine, seed=seed, device=device, out=out,
-                         resume=resume, overwrite=overwrite, progress=progress)
+                         resume=resume, overwrite=overwrite, callbacks=callbacks, progress=progress)
     metrics = result.metrics
     test = f"{metrics['test_accuracy']:.4f}" if "test_accuracy" in metrics else "n/a (no test split)"
     click.echo(f"train accuracy {metrics['train_accuracy']:.4f}  test accuracy {test}  "
                f"({metrics['steps']} steps, {metrics['seconds']:.1f} s) -> {out}")
+    for writer in callbacks:
+        click.echo(f"trajectory: {writer.rows} snapshots (every {writer.schedule}) -> {writer.path}")
 
 
 @click.command()

@@ -269,7 +269,7 @@ def load_checkpoint(path: str | os.PathLike, *, arch: str | None = None, arch_kw
                                  "(e.g. '{\"num_classes\": 10, \"input_shape\": [3, 32, 32]}') if needed")
         kwargs = meta["arch_kwargs"]
     model = build_model(arch, **kwargs)
-    _load_state(model, _strip_prefixes(file.state), path, arch)
+    _load_state(model, strip_prefixes(file.state), path, arch)
     return Checkpoint(model.to(map_location).eval(), meta, file.path, file.sha256)
 
 
@@ -419,7 +419,7 @@ def _foreign_weights(loaded: object, path: Path) -> tuple[nn.Module | None, dict
                          "state_dict (torch.save(model.state_dict(), path))")
 
 
-def _strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
+def strip_prefixes(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Remove wrapper prefixes (``module.``, ``_orig_mod.``) that every key carries."""
     state = dict(state)
     while state:

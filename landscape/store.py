@@ -68,7 +68,7 @@ def _open(path: str | Path, mode: str) -> h5py.File:
                              "the file is corrupt or not a results file: move it aside or choose another --out") from None
 
 
-def _encode_attr(value: Any) -> Any:
+def encode_attr(value: Any) -> Any:
     if value is None:
         return ""
     if isinstance(value, (dict, list, tuple)):
@@ -76,7 +76,7 @@ def _encode_attr(value: Any) -> Any:
     return value
 
 
-def _decode_attr(value: Any) -> Any:
+def decode_attr(value: Any) -> Any:
     if isinstance(value, bytes):
         value = value.decode()
     if isinstance(value, str) and value.startswith(_JSON_PREFIXES):
@@ -89,7 +89,7 @@ def _decode_attr(value: Any) -> Any:
 
 def _write_tree(group: h5py.Group, arrays: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
     for key, value in attrs.items():
-        group.attrs[key] = _encode_attr(value)
+        group.attrs[key] = encode_attr(value)
     for name, value in arrays.items():
         if isinstance(value, Mapping):
             _write_tree(group.create_group(name), value, {})
@@ -101,10 +101,10 @@ def _read_tree(group: h5py.Group) -> tuple[dict[str, Any], dict[str, Any]]:
     arrays: dict[str, Any] = {}
     for name, item in group.items():
         arrays[name] = _read_tree(item)[0] if isinstance(item, h5py.Group) else item[()]
-    return arrays, {k: _decode_attr(v) for k, v in group.attrs.items()}
+    return arrays, {k: decode_attr(v) for k, v in group.attrs.items()}
 
 
-def _fsync(path: Path) -> None:
+def fsync(path: Path) -> None:
     """Flush ``path`` (a file or a folder, e.g. after a rename in it) to the disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -165,12 +165,12 @@ def _atomic_edit(path: str | Path) -> Iterator[h5py.File]:
         try:
             with h5py.File(tmp, "a") as handle:
                 yield handle
-            _fsync(tmp)
+            fsync(tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         os.replace(tmp, path)
-        _fsync(path.parent)
+        fsync(path.parent)
 
 
 def _refuse_existing(handle: h5py.File, path: str | Path, group: str, overwrite: bool) -> None:
@@ -201,7 +201,7 @@ def read_group(path: str | Path, group: str) -> tuple[dict[str, Any], dict[str, 
 def list_groups(path: str | Path) -> dict[str, dict[str, Any]]:
     """Top-level groups of a results file with their decoded attributes."""
     with _open(path, "r") as handle:
-        return {name: {k: _decode_attr(v) for k, v in item.attrs.items()} for name, item in handle.items()}
+        return {name: {k: decode_attr(v) for k, v in item.attrs.items()} for name, item in handle.items()}
 
 
 def provenance(config: Mapping[str, Any], source: Mapping[str, Any], seed: int | None,
@@ -269,7 +269,7 @@ def resume_complete(path: str | Path, group: str, wanted: Mapping[str, Any], *, 
             return False
         if not resume:
             _refuse_existing(handle, path, group, False)
-        check_resume(f"/{group} of {path}", {k: _decode_attr(v) for k, v in handle[group].attrs.items()}, wanted)
+        check_resume(f"/{group} of {path}", {k: decode_attr(v) for k, v in handle[group].attrs.items()}, wanted)
     return True
 
 
@@ -279,7 +279,7 @@ def sidecar(path: str | Path, group: str) -> Path:
     return path.with_name(f"{path.name}.{group}.partial")
 
 
-def _pwrite(fd: int, data: np.ndarray, offset: int) -> None:
+def pwrite(fd: int, data: np.ndarray, offset: int) -> None:
     """Write all of ``data``'s bytes at ``offset`` of ``fd`` (one system call unless it comes back short)."""
     view = memoryview(np.ascontiguousarray(data)).cast("B")
     while view:
@@ -336,7 +336,7 @@ class IncrementalGroup:
                 return
             self._create(attrs, static)
         with _open(self.partial, "r") as handle:
-            check_resume(str(self.partial), {k: _decode_attr(v) for k, v in handle.attrs.items()}, attrs)
+            check_resume(str(self.partial), {k: decode_attr(v) for k, v in handle.attrs.items()}, attrs)
             self.offsets = self._layout(handle)
             self._done = handle["done"][()]
         self.fd = os.open(self.partial, os.O_RDWR)
@@ -351,9 +351,9 @@ class IncrementalGroup:
                 plist.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)  # storage and fill written now, never later
                 root.create_dataset(name, shape=self.unit_shape + trailing, dtype=bool if name == "done" else "<f8",
                                     fillvalue=False if name == "done" else np.nan, dcpl=plist)
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, self.partial)
-        _fsync(self.partial.parent)
+        fsync(self.partial.parent)
 
     def _layout(self, handle: h5py.File) -> dict[str, int]:
         """Byte offset of each dataset's raw data; refuses a sidecar not laid out for this run."""
@@ -389,9 +389,9 @@ class IncrementalGroup:
             if len(counts) > 1 or not 0 <= start <= start + len(data) <= self._done.size:
                 raise ValueError(f"units {start}..{start + len(data) - 1} of {name} do not fit the grid of "
                                  f"{self._done.size} units or the other values")
-            _pwrite(self.fd, data, self.offsets[name] + start * data.itemsize * math.prod(trailing))
+            pwrite(self.fd, data, self.offsets[name] + start * data.itemsize * math.prod(trailing))
         count = counts.pop()
-        _pwrite(self.fd, np.ones(count, dtype=bool), self.offsets["done"] + start)
+        pwrite(self.fd, np.ones(count, dtype=bool), self.offsets["done"] + start)
         self._done.reshape(-1)[start:start + count] = True
 
     def arrays(self) -> dict[str, Any]:
@@ -418,7 +418,7 @@ class IncrementalGroup:
                 source.copy(source[name], group, name=name)
             _write_tree(group, dict(arrays or {}), dict(attrs or {}))
         self.partial.unlink()
-        _fsync(self.partial.parent)
+        fsync(self.partial.parent)
         self.complete = True
         self.close()
 

@@ -90,6 +90,10 @@ class TrainCallback(Protocol):
     (weights-only data: tensors, numbers, strings, lists, dicts) is saved in the training state at
     every epoch end and handed to ``load_state_dict`` when the run resumes. Under torchrun, write
     files on rank 0 only (``landscape.distributed.is_main()``).
+
+    Optional: a callback with a ``begin(*, model, steps_per_epoch, total_steps, resumed)`` method gets that call
+    on every rank once before the first step (after a resumed run's states are loaded; ``resumed`` says which),
+    e.g. to record the initial weights (:class:`landscape.trajectory.TrajectoryWriter`).
     """
 
     def __call__(self, *, step: int, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -302,6 +306,10 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     else:
         first_epoch, history, seconds_before = saved["epoch"], list(saved["history"]), saved["seconds"]
         _restore(saved, model, opt, schedule, order, callbacks, seed)
+    for callback in callbacks:
+        if hasattr(callback, "begin"):
+            callback.begin(model=model, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                           resumed=saved is not None)
     network = _data_parallel(model, target) if distributed.active() else model
     per_step = getattr(opt, "batches_per_step", 1)
     state = [*model.parameters(), *model.buffers()]

@@ -18,6 +18,7 @@ import torch
 import landscape.train
 from landscape import distributed
 from landscape.data import Dataset, load_dataset
+from landscape.trajectory import TrajectoryWriter
 
 torch.set_num_threads(1)
 
@@ -86,11 +87,13 @@ def train(optimizer: str, *, opt_args: dict[str, Any] | None = None, epochs: int
         return model
 
     counter = StepCounter(interrupt_at)
+    callbacks = [counter] if out is None else [  # a run writing a checkpoint also records its trajectory
+        counter, TrajectoryWriter(Path(out).with_name("trajectory.h5"), 1, resume=resume)]
     landscape.train.build_model = recording_model
     try:
         result = landscape.train.train_model(dataset(float64), arch, optimizer, epochs=epochs, batch_size=100,
                                              opt_args=opt_args, arch_kwargs=arch_kwargs or MLP, cosine=cosine,
-                                             seed=0, device="cpu", out=out, resume=resume, callbacks=[counter])
+                                             seed=0, device="cpu", out=out, resume=resume, callbacks=callbacks)
     except Interrupted:
         return {"interrupted": True, "rows": rows, "calls": counter.calls}
     finally:

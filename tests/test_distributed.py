@@ -12,6 +12,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import h5py
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,7 +37,8 @@ def two_ranks(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory, two_ranks) -> Path:
     folder = tmp_path_factory.mktemp("four")
-    shutil.copy(two_ranks / "resume.pt.state", folder / "resume.pt.state")  # the interrupted 2-rank run
+    for name in ("resume.pt.state", "trajectory.h5"):  # the interrupted 2-rank run
+        shutil.copy(two_ranks / name, folder / name)
     run = torchrun(4, WORKER, folder, *FOUR, logs=folder / "logs")
     assert run.returncode == 0, rank_logs(folder / "logs")
     return folder
@@ -192,6 +194,16 @@ def test_resume_on_four_ranks_continues_the_interrupted_two_rank_run(two_ranks, 
     assert len(results[0]["rows"]) == 2 * 6  # epochs 2 and 3 only, two passes per step
     assert not (four_ranks / "resume.pt.state").exists()
     assert load_checkpoint(four_ranks / "resume.pt").meta["extra"]["world_size"] == 4
+    with h5py.File(two_ranks / "trajectory.h5", "r") as handle:  # rank 0 wrote epochs 0 and 1, then the crash
+        assert list(handle["trajectory/done"][()]) == [True, True, False, False]
+    with h5py.File(four_ranks / "trajectory.h5", "r") as handle:
+        weights, steps, done = (handle[f"trajectory/{name}"][()] for name in ("weights", "step", "done"))
+    assert list(steps) == [0, 3, 6, 9] and done.all(), "one snapshot per epoch end, none twice, none missing"
+    torch.manual_seed(0)
+    initial = build_model("mlp", 10, (1, 8, 8), **ddp_worker.MLP).double()
+    for row, model_state in ((0, dict(initial.named_parameters())), (3, results[0]["state"])):
+        expected = torch.cat([model_state[n].detach().reshape(-1) for n, _ in initial.named_parameters()]).float()
+        assert torch.equal(torch.from_numpy(weights[row]), expected), f"snapshot {row}"
 
 
 def test_parallel_mrwp_on_two_ranks_reaches_95_percent_on_digits(tmp_path):

@@ -4,6 +4,8 @@
   with directions from :func:`landscape.params.surface_directions` (seeded Gaussian, normalised per
   filter, per layer or not at all; optionally an orthogonalised pair, or the difference towards
   another checkpoint), stored with the result.
+- :func:`pca_surface`: the plane of the top two principal components of optimizer trajectories (Li
+  et al. 2018, Sec. 7, from :func:`landscape.trajectory.pca_plane`), with each path projected on it.
 - :func:`interpolate`: the line from one checkpoint to another (Goodfellow et al. 2015), the other
   read by :func:`landscape.checkpoint.target_state`.
 - :class:`SurfaceResult` and :class:`InterpolationResult`, whose ``summary()`` is what the CLI prints.
@@ -31,9 +33,11 @@ from landscape.objective import Objective
 from landscape.params import difference, direction_attrs, flatten, global_norm, surface_directions, unflatten
 from landscape.results import Result
 from landscape.store import provenance, read_group
+from landscape.trajectory import Trajectory, pca_plane
 
 DEFAULT_AXIS = np.linspace(-1.0, 1.0, 51)
 DEFAULT_ALPHAS = np.linspace(-0.5, 1.5, 41)
+PATH_MARGIN = 0.2  # a grid covering projected paths reaches this fraction of their range beyond them on each side
 
 
 def _describe(result: Result, names: Sequence[str]) -> list[str]:
@@ -56,7 +60,9 @@ class SurfaceResult(Result):
     """``/surface``: Li et al.'s names. ``xcoordinates`` (``ycoordinates``), ``<split>_loss`` and
     ``<split>_acc`` shaped (len(x), len(y)) (or (len(x),) for 1-D), ``done``, and the flat float32
     ``xdirection`` (``ydirection``) whose layout the attributes ``direction_names`` and
-    ``direction_shapes`` give."""
+    ``direction_shapes`` give. A surface on the PCA plane of trajectories (:func:`pca_surface`) also holds
+    the projected paths: ``trajectory_x``, ``trajectory_y``, ``trajectory_path``, ``trajectory_step``,
+    ``trajectory_loss`` and the attributes ``trajectory_labels`` and ``explained_variance_ratio``."""
 
     group = "surface"
 
@@ -75,7 +81,12 @@ class SurfaceResult(Result):
     def summary(self) -> str:
         """What ``landscape surface`` prints: per split, the loss (and accuracy) at the origin if it
         is on the grid, the range of finite losses, and how many points diverged."""
-        return "\n".join(_describe(self, [n for n in ("xcoordinates", "ycoordinates") if n in self.arrays]))
+        lines = _describe(self, [n for n in ("xcoordinates", "ycoordinates") if n in self.arrays])
+        if "explained_variance_ratio" in self.attrs:
+            ratio = self.attrs["explained_variance_ratio"]
+            lines.append(f"PCA directions of {', '.join(self.attrs['trajectory_labels'])}: explained variance ratio "
+                         f"{ratio[0]:.4f} (x), {ratio[1]:.4f} (y)")
+        return "\n".join(lines)
 
 
 class InterpolationResult(Result):
@@ -128,11 +139,19 @@ def _axis(values: Any, name: str) -> np.ndarray:
     return axis
 
 
+def _stored(directions: Sequence[Mapping[str, Tensor]]) -> dict[str, np.ndarray]:
+    """``xdirection`` (``ydirection``): each direction as the flat float32 vector a surface stores."""
+    return {f"{axis}direction": flatten(d).detach().to("cpu", torch.float32).numpy()
+            for axis, d in zip("xy", directions)}
+
+
 def _grid(result_type: type[Result], objectives: Mapping[str, Objective], directions: Sequence[Mapping[str, Tensor]],
           coordinates: Sequence[np.ndarray], static: Mapping[str, Any], config: dict[str, Any], extra: dict[str, Any],
           seed: int | None, *, out: str | Path | None, resume: bool, overwrite: bool, bn_recompute: bool,
-          evaluator_options: Mapping[str, Any] | None, progress: Progress | None, flush_seconds: float) -> Result:
-    """Evaluate ``objectives`` on the grid ``coordinates`` along ``directions``; write ``/group`` to ``out``."""
+          evaluator_options: Mapping[str, Any] | None, progress: Progress | None, flush_seconds: float,
+          paths: np.ndarray | None = None) -> Result:
+    """Evaluate ``objectives`` on the grid ``coordinates`` along ``directions``; write ``/group`` to ``out``.
+    With ``paths`` ((points, 2) coefficients), the first split's loss there is stored as ``trajectory_loss``."""
     first = next(iter(objectives.values()))
     names = _metric_names(objectives)
     shape = tuple(len(axis) for axis in coordinates)
@@ -141,9 +160,13 @@ def _grid(result_type: type[Result], objectives: Mapping[str, Objective], direct
               "eval_sets": {s: o.source.get("eval_set", {}) for s, o in objectives.items()}}
     evaluator = PointEvaluator(objectives, directions, bn_recompute=bn_recompute, **(evaluator_options or {}))
     attrs = {**provenance(config, first.provenance(), seed, first.device), **extra, "speedups": evaluator.speedups}
+
+    def path_loss(_: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        return {"trajectory_loss": evaluator.evaluate(paths.tolist())[names[0]]}, {}
+
     arrays, _ = run_group(out, result_type.group, dict.fromkeys(names, ()), shape, attrs, static, evaluator,
                           grid_point(coordinates), resume=resume, overwrite=overwrite, progress=progress,
-                          flush_seconds=flush_seconds)
+                          flush_seconds=flush_seconds, derive=None if paths is None else path_loss)
     if out is not None:
         arrays, attrs = read_group(out, result_type.group)
     return result_type(arrays, attrs)
@@ -189,9 +212,7 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
     target, target_info = (target_state(x_target, objective.params) if x_target is not None else (None, None))
     directions = surface_directions(objective.params, len(coordinates), seed=seed, normalization=normalization,
                                     include_biasbn=include_biasbn, orthogonal=orthogonal, x_target=target)
-    static = {f"{axis}coordinates": values for axis, values in zip("xy", coordinates)}
-    static.update({f"{axis}direction": flatten(d).detach().to("cpu", torch.float32).numpy()
-                   for axis, d in zip("xy", directions)})
+    static = {**{f"{axis}coordinates": values for axis, values in zip("xy", coordinates)}, **_stored(directions)}
     config = {"x": coordinates[0].tolist(), "y": coordinates[1].tolist() if y is not None else None,
               "normalization": normalization if target is None else "target", "include_biasbn": include_biasbn,
               "orthogonal": orthogonal, "x_target": target_info, "direction_seed": seed}
@@ -199,6 +220,71 @@ def loss_surface(objective: Objective, x: Any = DEFAULT_AXIS, y: Any = DEFAULT_A
                  direction_attrs(directions, objective.params), seed, out=out, resume=resume, overwrite=overwrite,
                  bn_recompute=bn_recompute, evaluator_options=evaluator_options, progress=progress,
                  flush_seconds=flush_seconds)
+
+
+def _covering_axes(x: Any, y: Any, points: np.ndarray) -> list[np.ndarray]:
+    """The x and y coordinates: given ones, or for a number N, N points covering the projected paths
+    ``points`` (n, 2) and the origin. Both covering axes have one span, the larger of the two ranges
+    widened by :data:`PATH_MARGIN` of it on each side, each centred on its own range, so the plane drawn
+    square shows true distances."""
+    ranges = [(min(0.0, float(values.min())), max(0.0, float(values.max()))) for values in points.T]
+    span = (1 + 2 * PATH_MARGIN) * max(high - low for low, high in ranges) or 1.0
+    axes = []
+    for values, (low, high), name in zip((x, y), ranges, "xy"):
+        if isinstance(values, (int, np.integer)) and not isinstance(values, bool):
+            if values < 2:
+                raise LandscapeError(f"{name} needs at least 2 points to cover the paths, got {values}")
+            centre = (low + high) / 2
+            axes.append(np.linspace(centre - span / 2, centre + span / 2, int(values)))
+        else:
+            axes.append(_axis(values, name))
+    return axes
+
+
+def pca_surface(objective: Objective, trajectories: Sequence[Trajectory], x: Any = 51, y: Any = 51, *,
+                test_objective: Objective | None = None, include_biasbn: bool = False, bn_recompute: bool = False,
+                out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+                evaluator_options: Mapping[str, Any] | None = None, progress: Progress | None = None,
+                flush_seconds: float = 1.0) -> SurfaceResult:
+    """Loss and accuracy on the PCA plane of optimizer trajectories (Li et al. 2018, Sec. 7), each path drawn on it.
+
+    The directions are the top two principal components of the trajectories' snapshots minus the
+    objective's weights, which are the plane's origin (:func:`landscape.trajectory.pca_plane`): unit
+    vectors, not filter-normalised, the rows of several trajectories stacked. Besides what
+    :func:`loss_surface` stores: ``trajectory_x``, ``trajectory_y`` (each snapshot projected by least
+    squares), ``trajectory_path`` (its trajectory, 0..P-1), ``trajectory_step`` (its optimizer step; -1
+    for checkpoints), ``trajectory_loss`` (the first split's loss at the projected point, on the plane),
+    and the attributes ``trajectory_labels`` and ``explained_variance_ratio`` (of the two directions).
+    ``config["trajectories"]`` records each trajectory's source and a digest of its values, so a resume
+    with other trajectories is refused.
+
+    Args:
+        trajectories: from :func:`landscape.trajectory.load_trajectory` (each with its label).
+        x, y: coordinates along the first and second direction, or a number of points: that many, evenly
+            spaced over the projected paths and the origin, widened by 20% of that range on each side; the
+            two axes then share the larger span (each centred on its own range), so the plane is square.
+        include_biasbn: biases and BatchNorm parameters take part (else their direction entries are zero).
+        Other arguments as in :func:`loss_surface`.
+    """
+    objectives = _label_splits(objective, test_objective)
+    plane = pca_plane(trajectories, objective.params, include_biasbn)
+    points = np.concatenate(plane.coordinates)
+    coordinates = _covering_axes(x, y, points)
+    _grid_room(out, objectives, coordinates, SurfaceResult.group)
+    static = {"xcoordinates": coordinates[0], "ycoordinates": coordinates[1], **_stored(plane.directions),
+              "trajectory_x": points[:, 0], "trajectory_y": points[:, 1],
+              "trajectory_path": np.concatenate([np.full(t.rows, k) for k, t in enumerate(trajectories)]),
+              "trajectory_step": np.concatenate([t.steps for t in trajectories]).astype(np.int64)}
+    labels = [t.label for t in trajectories]
+    config = {"x": coordinates[0].tolist(), "y": coordinates[1].tolist(), "directions": "pca",
+              "normalization": None, "include_biasbn": include_biasbn, "orthogonal": False,
+              "trajectories": [{"label": t.label, **t.source, "sha256": digest}
+                               for t, digest in zip(trajectories, plane.digests)]}
+    extra = {**direction_attrs(plane.directions, objective.params), "trajectory_labels": labels,
+             "explained_variance_ratio": plane.explained_variance_ratio.tolist()}
+    return _grid(SurfaceResult, objectives, plane.directions, coordinates, static, config, extra, None, out=out,
+                 resume=resume, overwrite=overwrite, bn_recompute=bn_recompute, evaluator_options=evaluator_options,
+                 progress=progress, flush_seconds=flush_seconds, paths=points)
 
 
 def interpolate(objective: Objective, target: Any, alphas: Any = DEFAULT_ALPHAS, *, move_buffers: bool = False,
