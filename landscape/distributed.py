@@ -20,6 +20,7 @@ Call :func:`setup` (idempotent) before using the others; :func:`landscape.object
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import json
 import os
@@ -51,7 +52,9 @@ def active() -> bool:
 
 
 def setup() -> None:
-    """Join torchrun's process group once (no-op when not launched, or already joined)."""
+    """Join torchrun's process group once (no-op when not launched, or already joined); it is left at the
+    interpreter's exit (a process that exits holding it can abort: "terminate called without an active
+    exception")."""
     if not launched() or dist.is_initialized():
         return
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
@@ -59,6 +62,14 @@ def setup() -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+    atexit.register(_leave)
+
+
+def _leave() -> None:
+    """Stop the watchdog and destroy the process group, if still there (at exit)."""
+    stop_watchdog()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank() -> int:
