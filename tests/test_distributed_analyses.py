@@ -19,6 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import click
 import h5py
 import numpy as np
 import pytest
@@ -198,3 +199,19 @@ def test_bad_input_under_torchrun_ends_every_rank_with_rank_0s_one_line(three_ra
     assert len(lines) == 1 and lines[0].startswith("Error:") and "already holds /surface" in lines[0], logs
     assert all(logs[rank][1].strip() == "" for rank in (1, 2)), logs
     assert not any("Traceback" in out + err for out, err in logs.values())
+
+
+def test_every_option_of_a_computing_command_has_a_spelling_that_torchrun_passes_on():
+    # torchrun's argparse takes an option that is (a prefix of) one of its own, wherever it stands
+    from torch.distributed.run import get_args_parser
+
+    from landscape.cli.main import COMMANDS, MAIN_ONLY, cli
+    own = list(get_args_parser()._option_string_actions)
+
+    def passed_on(option: str) -> bool:
+        return option not in own and not (option.startswith("--") and any(o.startswith(option) for o in own))
+    for name in set(COMMANDS) - set(MAIN_ONLY) - {"reproduce"}:
+        command = cli.get_command(None, name)
+        for param in command.params:
+            if isinstance(param, click.Option):
+                assert any(passed_on(option) for option in param.opts + param.secondary_opts), (name, param.opts)
