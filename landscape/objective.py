@@ -11,9 +11,10 @@ the evaluation set, its batches weigh rows / N over the whole set's N examples, 
 accuracy and the gradient are summed over the ranks here, so every rank gets the whole set's exact
 mean (up to the order of the sums). Curvature products are summed in one place too, the base
 curvature operator. :meth:`Objective.whole` is the same objective over the whole set on every rank,
-for analyses that share out points or mini-batches instead. Per-example gradients are computed here, in one place
-(:func:`per_example_gradients`), for the empirical-Fisher operator and for SSAM-F's Fisher
-diagonal (:func:`empirical_fisher`).
+for analyses that share out points or mini-batches instead.
+
+Per-example gradients are computed here, in one place (:func:`per_example_gradients`), for the
+empirical-Fisher operator and for SSAM-F's Fisher diagonal (:func:`empirical_fisher`).
 """
 
 from __future__ import annotations

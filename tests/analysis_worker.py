@@ -56,7 +56,8 @@ def surface(folder: Path) -> dict[str, Any]:
                                   test_objective=objective(folder, "test"), out=folder / "surface.h5", overwrite=True)
     line = landscape.interpolate(objective(folder), str(folder / "other.pt"), alphas=np.linspace(-0.5, 1.5, 7),
                                  out=folder / "surface.h5", overwrite=True)
-    return {"surface": grid.arrays, "interpolation": line.arrays}
+    in_memory = landscape.loss_surface(objective(folder), x=np.linspace(-1, 1, 4), y=None)   # (no file)
+    return {"surface": grid.arrays, "interpolation": line.arrays, "in_memory": in_memory.arrays}
 
 
 def radius(folder: Path) -> dict[str, Any]:

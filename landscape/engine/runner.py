@@ -223,8 +223,10 @@ def check_room(out: str | Path | None, shape: tuple[int, ...], names: Sequence[s
                memory: float = 0.0) -> None:
     """Refuse a run of ``shape`` units of the scalar values ``names`` that cannot fit: in memory, its
     values and done mask (plus ``memory`` bytes the caller needs); on disk next to ``out``, its
-    ``.partial`` sidecar and the final copy of the results file (see :mod:`landscape.resources`)."""
+    ``.partial`` sidecar and the final copy of the results file (see :mod:`landscape.resources`; under
+    torchrun only rank 0, which writes them, looks at the disk)."""
     group = math.prod(shape) * (8 * len(names) + 1)
-    existing = Path(out).stat().st_size if out is not None and Path(out).exists() else 0
+    writes = out is not None and distributed.is_main()
+    existing = Path(out).stat().st_size if writes and Path(out).exists() else 0
     require(f"{what} ({math.prod(shape):,} points)", "use fewer points, or a machine with more room",
-            memory=group + memory, disk=2 * group + existing if out is not None else 0.0, where=out)
+            memory=group + memory, disk=2 * group + existing if writes else 0.0, where=out)
