@@ -2,6 +2,21 @@
 
 Sections (one function each, returning table rows; ``main`` writes them all with ``write_results``):
 
+- ``surface``: a 2-D surface of the shipped ``data/cnn_digits_sgd.pt`` on the 1,437 digits training images
+  (:data:`SURFACE_GRID` points a side), in 1 process against 2 ranks sharing its points out; throughput is
+  points written per second, timed on rank 0 from the runner's first progress call to its last (so the
+  start-up and the evaluator's build are left out of both). Efficiency = 2-rank throughput / (2 x 1-rank);
+  goal >= 0.9. Also: the bytes each grid block costs on the c10d store, and the CPU time / wall time of
+  every rank over the run (below 1: the rank waited, for a core or for the others).
+- ``lanczos``: top-5 Lanczos (``landscape.hessian_spectrum(top_k=5)``, float32, tol 1e-4) of the same
+  checkpoint on a data-parallel objective: 1 process against 2 ranks holding 719 and 718 rows; efficiency =
+  1-rank time / (2 x 2-rank time); goal >= 0.8. Also the all-reduce bytes per Hessian-vector product, the
+  time spent in all-reduce per product (waiting for the other rank included) and every rank's CPU use.
+
+Each of these two rounds runs the 1-process measurement and then the 2-rank job, back to back, and
+records the load average before the round (above ~1 the other core was busy: the 2-rank job then shares
+a core with another program); ratios are medians over rounds, with their range.
+
 - ``training``: a step of ``landscape train`` with parallel m-RWP (``--opt-args parallel=true``) on 2 ranks
   divided by a step of ``landscape train`` with SGD in 1 process, at the same per-rank batch: the clean
   and the perturbed gradient run at the same time, so the goal is <= 1.15 (the RWP paper's "one gradient
@@ -147,15 +162,150 @@ def launch(ranks: int, section: str, setting: str) -> dict[str, Any]:
         return json.loads(out.read_text())
 
 
+CHECKPOINT = Path(__file__).resolve().parents[1] / "data" / "cnn_digits_sgd.pt"
+SURFACE_GRID = 15          # points a side of the benchmark's surface
+SURFACE_GOAL, LANCZOS_GOAL = 0.9, 0.8
+
+
+def surface_run(name: str, out: str) -> None:
+    """On every rank (or in one process): the surface of :data:`CHECKPOINT`; rank 0 writes its points per
+    second, the store bytes per block and every rank's CPU time / wall time as JSON to ``out``."""
+    import numpy as np
+
+    from landscape import distributed
+    from landscape.analysis.surface import loss_surface
+    from landscape.engine import sharing, tune_allocator
+    from landscape.objective import load_objective
+    tune_allocator()
+    stamps: list[tuple[float, int]] = []
+    posted: list[tuple[int, int]] = []   # (bytes, blocks) of every message this rank posts
+    encode = sharing._encode
+
+    def counted(flat, values):
+        message = encode(flat, values)
+        posted.append((len(message) + 1, len(flat)))   # (+1: the tag byte; one unit per block here)
+        return message
+    sharing._encode = counted
+    axis = np.linspace(-1.0, 1.0, SURFACE_GRID)
+    objective = load_objective(str(CHECKPOINT), device="cpu")
+    with tempfile.TemporaryDirectory() as folder:
+        cpu, wall = time.process_time(), time.perf_counter()
+        loss_surface(objective, x=axis, y=axis, out=Path(folder) / "surface.h5",
+                     progress=lambda done, total: stamps.append((time.perf_counter(), done)))
+        use = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    uses = distributed.all_gather_object(use)
+    messages = [m for part in distributed.all_gather_object(posted) for m in part]
+    if distributed.is_main():
+        (first, done0), (last, done1) = stamps[0], stamps[-1]
+        Path(out).write_text(json.dumps({"points_per_s": (done1 - done0) / (last - first), "cpu_use": uses,
+                                         "store_bytes_per_block": sum(b for b, _ in messages) / max(1, sum(
+                                             n for _, n in messages)),
+                                         "blocks_per_message": sum(n for _, n in messages) / max(1, len(messages))}))
+
+
+def lanczos_run(name: str, out: str) -> None:
+    """On every rank (or in one process): top-5 Lanczos of :data:`CHECKPOINT`'s Hessian on a data-parallel
+    objective; rank 0 writes the seconds, the products, the all-reduce bytes per product and the values."""
+    import torch.distributed as dist
+
+    from landscape import distributed
+    from landscape.analysis.hessian import hessian_spectrum
+    from landscape.objective import load_objective
+    sent: list[tuple[int, float]] = []   # (bytes, seconds) of every all-reduce
+    all_reduce = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        began = time.perf_counter()
+        done = all_reduce(tensor, *args, **kwargs)
+        sent.append((tensor.numel() * tensor.element_size(), time.perf_counter() - began))
+        return done
+    objective = load_objective(str(CHECKPOINT), device="cpu")
+    dist.all_reduce = counting
+    cpu, began = time.process_time(), time.perf_counter()
+    result = hessian_spectrum(objective, top_k=5)
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+    uses = distributed.all_gather_object(cpu / seconds)
+    waits = distributed.all_gather_object(sum(wait for _, wait in sent))
+    if distributed.is_main():
+        products = result.attrs["hvp_count"]
+        Path(out).write_text(json.dumps({"seconds": seconds, "products": products, "cpu_use": uses,
+                                         "all_reduce_bytes_per_product": sum(b for b, _ in sent) / products,
+                                         "all_reduce_ms_per_product": [1e3 * w / products for w in waits],
+                                         "eigenvalues": result["eigenvalues"].tolist()}))
+
+
+def in_process(run, name: str) -> dict[str, Any]:
+    """``run(name, out)`` in this process (one rank); what it wrote."""
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "result.json"
+        run(name, str(out))
+        return json.loads(out.read_text())
+
+
+def surface(configs: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Section ``surface``: points per second on 2 ranks / (2 x in 1 process)."""
+    torch.set_num_threads(1)
+    efficiencies, one, two, loads, uses, payload = [], [], [], [], [], {}
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        single = in_process(surface_run, "cnn")["points_per_s"]
+        payload = launch(2, "surface", "cnn")
+        one.append(single)
+        two.append(payload["points_per_s"])
+        uses.append(min(payload["cpu_use"]))
+        efficiencies.append(payload["points_per_s"] / (2 * single))
+        print(f"surface: 1 rank {single:.1f} pt/s, 2 ranks {payload['points_per_s']:.1f} pt/s: efficiency "
+              f"{efficiencies[-1]:.3f} (load before {loads[-1]:.2f}, CPU use of the ranks {payload['cpu_use']})",
+              flush=True)
+    efficiency = statistics.median(efficiencies)
+    return [{"section": "surface", "setting": f"cnn, 1,437 digits, {SURFACE_GRID}x{SURFACE_GRID}",
+             "one_rank_points_per_s": statistics.median(one), "two_ranks_points_per_s": statistics.median(two),
+             "efficiency": efficiency, "efficiency_min": min(efficiencies), "efficiency_max": max(efficiencies),
+             "rounds": rounds, "goal": SURFACE_GOAL, "meets_goal": "yes" if efficiency >= SURFACE_GOAL else "NO",
+             "load_before_min": min(loads), "load_before_max": max(loads), "least_rank_cpu_use_min": min(uses),
+             "store_bytes_per_block": payload["store_bytes_per_block"],
+             "blocks_per_message": payload["blocks_per_message"]}]
+
+
+def lanczos(configs: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Section ``lanczos``: top-5 Lanczos in 1 process / (2 x on 2 ranks)."""
+    torch.set_num_threads(1)
+    efficiencies, one, two, loads, uses, waits, payload = [], [], [], [], [], [], {}
+    for _ in range(rounds):
+        loads.append(os.getloadavg()[0])
+        single = in_process(lanczos_run, "cnn")
+        payload = launch(2, "lanczos", "cnn")
+        one.append(single["seconds"])
+        two.append(payload["seconds"])
+        uses.append(min(payload["cpu_use"]))
+        waits.append(max(payload["all_reduce_ms_per_product"]))
+        efficiencies.append(single["seconds"] / (2 * payload["seconds"]))
+        print(f"lanczos: 1 rank {single['seconds']:.2f} s ({single['products']} HVPs, CPU use {single['cpu_use']}), "
+              f"2 ranks {payload['seconds']:.2f} s ({payload['products']} HVPs, CPU use {payload['cpu_use']}, "
+              f"all-reduce ms per HVP {payload['all_reduce_ms_per_product']}): efficiency {efficiencies[-1]:.3f} "
+              f"(load before {loads[-1]:.2f}; eigenvalues {single['eigenvalues']} vs {payload['eigenvalues']})",
+              flush=True)
+    efficiency = statistics.median(efficiencies)
+    return [{"section": "lanczos", "setting": "cnn, 1,437 digits, top-5, float32",
+             "one_rank_s": statistics.median(one), "two_ranks_s": statistics.median(two), "efficiency": efficiency,
+             "efficiency_min": min(efficiencies), "efficiency_max": max(efficiencies), "rounds": rounds,
+             "goal": LANCZOS_GOAL, "meets_goal": "yes" if efficiency >= LANCZOS_GOAL else "NO",
+             "load_before_min": min(loads), "load_before_max": max(loads), "least_rank_cpu_use_min": min(uses),
+             "products": payload["products"], "all_reduce_bytes_per_product": payload["all_reduce_bytes_per_product"],
+             "all_reduce_ms_per_product_max": max(waits)}]
+
+
 # section name -> (rows from the settings and rounds, the worker each rank runs under torchrun)
-SECTIONS = {"training": (training, training_worker)}
+SECTIONS = {"training": (training, training_worker), "surface": (surface, surface_run),
+            "lanczos": (lanczos, lanczos_run)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one round of the cnn only (a smoke run)")
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated: " + ", ".join(SECTIONS))
-    parser.add_argument("--configs", default="cnn,resnet18", help="comma-separated settings: cnn, resnet18")
+    parser.add_argument("--configs", default="cnn,resnet18",
+                        help="comma-separated settings of the training section: cnn, resnet18")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per setting (median of their ratios)")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)   # set by launch()
     parser.add_argument("--setting", default=None, help=argparse.SUPPRESS)

@@ -24,7 +24,8 @@ def compose(*decorators: F) -> Callable[[F], F]:
 
 device_option = click.option("--device", default="auto", show_default=True,
                              type=click.Choice(["auto", "cpu", "cuda"]),
-                             help="Where to compute; auto picks CUDA when available.")
+                             help="Where to compute; auto picks CUDA when available (under torchrun each rank "
+                                  "its own GPU, cuda:LOCAL_RANK).")
 seed_option = click.option("--seed", default=0, show_default=True, type=int, help="Random seed.")
 data_option = click.option("--data", default=None, metavar="SPEC",
                            help="Dataset spec: digits, cifar10:PATH, cifar100:PATH, npz:PATH, "
@@ -75,6 +76,10 @@ def eval_options(default_subset: int | None = None, default_bn: str = "eval", de
                      help="BatchNorm: running statistics (eval) or batch statistics (train, buffers untouched)."),
         click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float64"]),
                      help="Compute precision."),
+        click.option("--data-on", default="auto", show_default=True, type=click.Choice(["auto", "device", "host"]),
+                     help="Where the evaluation set is held: on the device, or in host memory and streamed to the "
+                          "device batch by batch (for sets larger than its memory; same results). auto: the "
+                          "device when the set takes at most half its free memory."),
     )
 
 
@@ -94,12 +99,13 @@ overwrite_options = compose(
 
 def objective_from_options(checkpoint: str, *, data: str | None, split: str, subset: int | None, batch_size: int,
                            bn: str, dtype: str, device: str, arch: str | None, arch_kwargs: dict | None,
-                           trust: bool, seed: int = 0, **_: Any):
-    """Build the Objective the shared options describe (the subset is drawn with ``seed``)."""
+                           trust: bool, seed: int = 0, data_on: str = "auto", **_: Any):
+    """Build the Objective the shared options describe (the subset is drawn with ``seed``); under torchrun
+    it is data parallel (see :class:`landscape.objective.Objective`)."""
     from landscape.objective import load_objective
     return load_objective(checkpoint, data=data, split=split, subset=subset, subset_seed=seed,
                           batch_size=batch_size, bn=bn, dtype=dtype, device=device, arch=arch,
-                          arch_kwargs=arch_kwargs, trust=trust)
+                          arch_kwargs=arch_kwargs, trust=trust, data_on=data_on)
 
 
 def parse_floats(text: str, name: str = "value") -> list[float]:
@@ -141,11 +147,14 @@ def parse_grid(text: str, name: str, log: bool = False, example: str = "-1:1:51"
 
 
 def progress(total: int | None, desc: str, unit: str = "it", initial: int = 0):
-    """A progress bar on stderr (hidden when stderr is not a terminal and LANDSCAPE_PROGRESS is unset)."""
+    """A progress bar on stderr (hidden when stderr is not a terminal and LANDSCAPE_PROGRESS is unset, and
+    on every rank but 0 under torchrun)."""
     import os
 
     from tqdm.auto import tqdm
-    disable = not (sys.stderr.isatty() or os.environ.get("LANDSCAPE_PROGRESS"))
+
+    from landscape import distributed
+    disable = not (sys.stderr.isatty() or os.environ.get("LANDSCAPE_PROGRESS")) or not distributed.is_main()
     return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, disable=disable,
                 dynamic_ncols=True, leave=False)
 
@@ -173,8 +182,10 @@ def already_done(out: str, group: str, overwrite: bool, resume: bool, objective:
                  options: Mapping[str, Any]) -> bool:
     """True when ``--resume`` finds ``group`` complete in ``out``, computed from ``objective``'s checkpoint
     and evaluation set with ``seed`` and ``options`` (keys of the group's config); a mismatch is refused
-    (see :func:`landscape.store.check_resume`), and so is recomputing over the group without ``--overwrite``."""
+    (see :func:`landscape.store.check_resume`), and so is recomputing over the group without ``--overwrite``.
+    Under torchrun rank 0 reads ``out`` and every rank gets its answer (or its error)."""
+    from landscape import distributed
     from landscape.store import provenance, resume_complete
 
     wanted = provenance(options, objective.provenance(), seed, objective.device)
-    return resume_complete(out, group, wanted, resume=resume, overwrite=overwrite)
+    return distributed.on_main(lambda: resume_complete(out, group, wanted, resume=resume, overwrite=overwrite))

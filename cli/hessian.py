@@ -8,6 +8,7 @@ import warnings
 import click
 from click.core import ParameterSource
 
+from landscape import distributed
 from landscape.cli.common import (already_done, arch_options, data_option, device_option, eval_options,
                                   objective_from_options, out_option, overwrite_options, progress, seed_option)
 
@@ -86,7 +87,7 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
     if tol is not None:  # (the default depends on the backend)
         asked["tol"] = tol
     if already_done(out, group, overwrite, resume, objective, seed, asked):
-        click.echo(kind.load(out, group).summary())
+        click.echo(distributed.on_main(lambda: kind.load(out, group)).summary())
         return
     with progress(None, curvature, "product") as bar, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -101,7 +102,7 @@ def hessian(checkpoint: str, top_k: int, bottom_k: int, eigenvectors: bool, dens
     result.save(out, overwrite=overwrite)
     click.echo(result.summary())
     for warning in caught:
-        if issubclass(warning.category, RuntimeWarning):
+        if issubclass(warning.category, RuntimeWarning) and distributed.is_main():
             click.echo(f"warning: {warning.message}", err=True)
     click.echo(f"saved /{group} in {out}")
 

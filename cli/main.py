@@ -34,6 +34,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
+# Commands that compute nothing: under torchrun rank 0 runs them and the other ranks wait for it (and
+# exit with its code). ``reproduce`` refuses torchrun; ``train`` and the analyses run on every rank.
+MAIN_ONLY = ("optimizers", "plot", "export", "info", "models", "datasets")
+
+
 def _echo_error(line: str) -> None:
     click.echo(line, err=True)
 
@@ -55,15 +60,19 @@ def _fail(message: str, code: int) -> None:
 
 @contextlib.contextmanager
 def _ranks() -> Iterator[None]:
-    """Join torchrun's process group when launched by it; ranks other than 0 print nothing to stdout."""
+    """Join torchrun's process group when launched by it; ranks other than 0 print nothing to stdout. A
+    failure on any rank ends every rank (its watchdog runs while the command does)."""
     from landscape import distributed
     distributed.setup()
     distributed.fail_together(_echo_error)
-    if distributed.is_main():
-        yield
-        return
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
-        yield
+    try:
+        if distributed.is_main():
+            yield
+            return
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        distributed.stop_watchdog()
 
 
 INPUT_ERROR = 2  # exit code for bad input from the user (one line on stderr)
@@ -76,6 +85,9 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
         if name not in COMMANDS:
             return None
+        from landscape import distributed
+        if name in MAIN_ONLY and not distributed.is_main():
+            return _WAIT_FOR_RANK_0
         module, attribute, _ = COMMANDS[name]
         return getattr(importlib.import_module(module), attribute)
 
@@ -88,7 +100,11 @@ class LazyGroup(click.Group):
         try:
             with _ranks(), warnings.catch_warnings():
                 warnings.showwarning = _echo_warning
-                return super().invoke(ctx)
+                value = super().invoke(ctx)
+            if ctx.invoked_subcommand in MAIN_ONLY:
+                from landscape import distributed
+                distributed.main_done()
+            return value
         except click.UsageError as exc:  # one line, not click's usage banner
             command = f" {ctx.invoked_subcommand}" if ctx.invoked_subcommand else ""
             _fail(f"Error: {exc.format_message()} (see `landscape{command} --help`)", INPUT_ERROR)
@@ -107,6 +123,17 @@ class LazyGroup(click.Group):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             _fail(f"Internal error: {exc.__class__.__name__}: {first} "
                   "(set LANDSCAPE_DEBUG=1 for the traceback and report it)", 1)
+
+
+def _wait_for_rank_0(arguments: tuple[str, ...]) -> None:
+    """What ranks other than 0 run for a command of :data:`MAIN_ONLY`: wait until rank 0 has run it."""
+    from landscape import distributed
+    distributed.wait_for_main()
+
+
+_WAIT_FOR_RANK_0 = click.Command("wait", callback=_wait_for_rank_0, params=[click.Argument(["arguments"], nargs=-1)],
+                                 add_help_option=False,
+                                 context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

@@ -28,6 +28,7 @@ def reproduce(out_dir: str, optimizers: str | None, data: str, arch: str, quick:
       landscape reproduce --optimizers sgd,sam --quick --out-dir /tmp/smoke
     Python: landscape.reproduce.reproduce("runs/reproduce")
     """
+    from landscape import distributed
     from landscape.cli.common import progress
     from landscape.engine import tune_allocator
     from landscape.optimizers import list_optimizers
@@ -35,6 +36,9 @@ def reproduce(out_dir: str, optimizers: str | None, data: str, arch: str, quick:
     from landscape.reproduce import FULL, PAPER_OPTIMIZERS, QUICK
     from landscape.reproduce import reproduce as run
 
+    if distributed.launched():
+        raise click.UsageError("landscape reproduce runs in one process; run it without torchrun (each command it "
+                               "runs, train, hessian, surface, radius, cosine, ratio, also runs under torchrun)")
     names = [n.strip() for n in optimizers.split(",") if n.strip()] if optimizers else list(PAPER_OPTIMIZERS)
     unknown = [n for n in names if not list_optimizers(n)]
     if unknown:

@@ -29,13 +29,16 @@ from landscape.cli.surface import _run_with_bar
               help="Ball of the worst case; Gaussian (l2) or uniform (linf) noise of the average case.")
 @click.option("--adaptive/--no-adaptive", default=True, show_default=True,
               help="c = |w| for every perturbed parameter (adaptive sharpness) or c = 1.")
-@click.option("--m", "m", default=None, type=click.IntRange(min=1),
-              help="m-sharpness: batches of m examples, sharpness per batch, averaged [default: the whole set].")
+@click.option("--m", "--m-sharpness", "m", default=None, type=click.IntRange(min=1),
+              help="m-sharpness: batches of m examples, sharpness per batch, averaged [default: the whole set]. "
+                   "Under torchrun write --m-sharpness (torchrun's parser takes --m for its own options).")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(min=1), help="Worst case: ascent steps.")
 @click.option("--step-size", default=2.0, show_default=True, type=float,
               help="Worst case: the first step as a multiple of ρ, decayed by a cosine over the steps.")
-@click.option("--start", default="zero", show_default=True, type=click.Choice(["zero", "random"]),
-              help="Worst case: ascent start (random: one seeded point in the ball; needed at an exact minimum).")
+@click.option("--start", "--ascent-start", "start", default="zero", show_default=True,
+              type=click.Choice(["zero", "random"]),
+              help="Worst case: ascent start (random: one seeded point in the ball; needed at an exact minimum). "
+                   "Under torchrun write --ascent-start.")
 @click.option("--draws", default=10, show_default=True, type=click.IntRange(min=1),
               help="Average case: noise draws (the same for every batch and ρ).")
 @click.option("--bn-recompute", is_flag=True, default=False,
@@ -64,6 +67,7 @@ def sharpness(checkpoint: str, rhos: str, kind: str, norm: str, adaptive: bool, 
       landscape sharpness runs/sgd.pt --rhos 0.01,0.05,0.1 --out runs/sgd.h5
       landscape sharpness runs/sam.pt --kind both --norm linf --rhos 1e-3:1e-2:4 --m 128 --subset 1024
       landscape sharpness runs/sgd.pt --no-adaptive --kind average --draws 50 --bn-recompute
+      torchrun --standalone --nproc-per-node 4 -m landscape sharpness runs/sgd.pt --m-sharpness 128
     Python:
       landscape.sharpness(landscape.load_objective("runs/sgd.pt"), [0.01, 0.05, 0.1], out="runs/sgd.h5")
     """

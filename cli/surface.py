@@ -23,6 +23,7 @@ from landscape.cli.common import (
     seed_option,
 )
 
+from landscape import distributed
 from landscape.errors import LandscapeError
 
 _with_both_splits = eval_options(
@@ -292,7 +293,7 @@ def radius(checkpoint: str, radii: str, draws: int, rho_p: float, ratio_levels: 
     asked = {"radii": values.tolist(), "draws": draws, "rho_p": rho_p, "bn": options["bn"], "seed": seed,
              "ratio_levels": None if levels is None else levels.tolist(), "dtype": options["dtype"]}
     if already_done(out, RadiusResult.group, overwrite, resume, objective, seed, asked):
-        result = RadiusResult.load(out)
+        result = distributed.on_main(lambda: RadiusResult.load(out))
     else:
         tune_allocator()
         result = _run_with_bar("radius", "point", radius_curve, objective=objective, radii=values, draws=draws,

@@ -2,10 +2,19 @@
 
 Every analysis goes through an :class:`Objective`. It holds its own copy of the weights
 (``params``) and buffers, evaluates ``torch.func.functional_call`` over the evaluation set in
-fixed batches, and never changes the model: parameters, buffers and train/eval flags are
-exactly as before after any call. Per-example gradients are computed here, in one place
-(:func:`per_example_gradients`), for the empirical-Fisher operator and for SSAM-F's Fisher
-diagonal (:func:`empirical_fisher`).
+fixed batches (:class:`landscape.evalset.EvalSet`: on the device, or streamed from host memory),
+and never changes the model: parameters, buffers and train/eval flags are exactly as before after
+any call.
+
+Under torchrun (several ranks) an objective is data parallel: each rank holds a contiguous share of
+the evaluation set, its batches weigh rows / N over the whole set's N examples, and the loss, the
+accuracy and the gradient are summed over the ranks here, so every rank gets the whole set's exact
+mean (up to the order of the sums). Curvature products are summed in one place too, the base
+curvature operator. :meth:`Objective.whole` is the same objective over the whole set on every rank,
+for analyses that share out points or mini-batches instead.
+
+Per-example gradients are computed here, in one place (:func:`per_example_gradients`), for the
+empirical-Fisher operator and for SSAM-F's Fisher diagonal (:func:`empirical_fisher`).
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -22,7 +32,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from landscape import distributed
 from landscape.errors import LandscapeError
+from landscape.evalset import EvalSet
 from landscape.params import select
 
 BN_MODES = ("eval", "train")
@@ -30,13 +42,16 @@ _BATCHNORM = nn.modules.batchnorm._BatchNorm
 
 
 def resolve_device(name: str | torch.device | None = "auto") -> torch.device:
-    """``auto`` picks CUDA when available, else CPU; ``cuda`` without a GPU is an input error."""
+    """``auto`` picks this rank's GPU when CUDA is available (``cuda:LOCAL_RANK`` under torchrun, else
+    ``cuda:0``), else the CPU; ``cuda`` is this rank's GPU too; ``cuda`` without a GPU is an input error."""
     if isinstance(name, torch.device):
         return name
     if name in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return distributed.local_device()
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise LandscapeError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+    if name == "cuda":
+        return distributed.local_device()
     try:
         return torch.device(name)
     except RuntimeError:
@@ -97,10 +112,13 @@ def count_nonfinite(tensors: Mapping[str, Tensor]) -> tuple[str, str] | None:
         if bad:
             count = int(torch.isnan(tensor).sum())
             nan, inf, first = nan + count, inf + bad - count, first or name
-    if not first:
-        return None
+    return (nonfinite_words(nan, inf), first) if first else None
+
+
+def nonfinite_words(nan: int, inf: int) -> str:
+    """``"12 NaN and 1 inf values"``."""
     counts = " and ".join(f"{count} {kind}" for count, kind in ((nan, "NaN"), (inf, "inf")) if count)
-    return f"{counts} value{'s' if nan + inf > 1 else ''}", first
+    return f"{counts} value{'s' if nan + inf > 1 else ''}"
 
 
 def model_name(arch: str | None, input_shape: Sequence[int] | None) -> str:
@@ -187,9 +205,16 @@ class Objective:
         batch_size: examples per forward pass; the last batch may be smaller and is weighted exactly.
         bn: ``eval`` (running statistics) or ``train`` (batch statistics, buffers untouched).
         dtype: compute dtype (e.g. ``torch.float64``); defaults to the model's.
-        device: where the weights and the whole evaluation set live.
+        device: where the weights live and the batches are computed.
         source: provenance (checkpoint path, sha256, dataset spec, evaluation set recipe; ``arch`` and
             ``input_shape`` name the model in error messages).
+        data_on: where the evaluation set is held: ``device``, ``host`` (streamed to the device batch by
+            batch, for sets larger than its memory) or ``auto`` (see :mod:`landscape.evalset`).
+        shard: hold only this rank's contiguous share of the evaluation set and sum the loss, accuracy,
+            gradient and curvature products over the ranks (``None``: whenever a process group of several
+            ranks is active). Shares are :func:`landscape.distributed.shard_range` of the rows, or of the
+            batches when BatchNorm uses batch statistics (``bn="train"``), so that every batch, and its
+            statistics, is the single-process one.
 
     The model must take the inputs and, with the default loss, give an output per label class:
     two examples go through it at construction, else a one-line :class:`LandscapeError` says why.
@@ -198,7 +223,7 @@ class Objective:
     def __init__(self, model: nn.Module, inputs: Tensor, targets: Tensor, *,
                  loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None, batch_size: int = 256,
                  bn: str = "eval", dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                 source: Mapping[str, Any] | None = None) -> None:
+                 source: Mapping[str, Any] | None = None, data_on: str = "auto", shard: bool | None = None) -> None:
         if bn not in BN_MODES:
             raise LandscapeError(f"unknown --bn {bn!r}; use eval or train")
         if batch_size < 1:
@@ -222,9 +247,12 @@ class Objective:
         self.params: dict[str, Tensor] = {n: self._cast(p) for n, p in model.named_parameters()}
         self.buffers: dict[str, Tensor] = {n: self._cast(b) for n, b in model.named_buffers()}
         self.frozen: dict[str, Tensor] = {}
-        self.inputs = self._cast(inputs)
-        self.targets = targets.detach().to(self.device)
-        check_fits(self._eval_outputs, self.inputs, self.targets if self.loss_fn is F.cross_entropy else None,
+        self.sharded = distributed.active() and shard is not False
+        self.data = EvalSet(inputs, targets, device=self.device, dtype=self.dtype, batch_size=self.batch_size,
+                            placement=data_on)
+        if self.sharded:
+            self.data = self.data.part(*self._share())
+        check_fits(self._eval_outputs, self.data.first(2), targets if self.loss_fn is F.cross_entropy else None,
                    model_name(self.source.get("arch"), self.source.get("input_shape")), self._data_name(),
                    "use a dataset that matches the checkpoint, or pass --arch/--arch-kwargs for a model that takes it")
 
@@ -232,20 +260,59 @@ class Objective:
         dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
         return tensor.detach().to(self.device, dtype, copy=True)
 
+    def _share(self) -> tuple[int, int]:
+        """This rank's rows of the whole evaluation set: whole batches under batch statistics."""
+        count = self.data.total
+        if self.bn == "train" and has_batchnorm(self.model):
+            first, last = distributed.shard_range(math.ceil(count / self.batch_size))
+            return first * self.batch_size, min(last * self.batch_size, count)
+        return distributed.shard_range(count)
+
     @property
     def num_examples(self) -> int:
-        return len(self.inputs)
+        """Examples of the whole evaluation set (on every rank, sharded or not)."""
+        return self.data.total
+
+    @property
+    def num_local_examples(self) -> int:
+        """Examples this rank holds and computes on (all of them unless sharded)."""
+        return len(self.data)
+
+    @property
+    def inputs(self) -> Tensor:
+        """The inputs this rank holds, in the compute dtype (on the device, or in host memory; see ``data_on``)."""
+        return self.data.held()[0]
+
+    @property
+    def targets(self) -> Tensor:
+        """The labels this rank holds."""
+        return self.data.held()[1]
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params.values())
 
     def batches(self) -> Iterator[tuple[Tensor, Tensor, float]]:
-        """Fixed batches ``(x, y, weight)`` with ``weight = len(x) / N``."""
-        n = self.num_examples
-        for start in range(0, n, self.batch_size):
-            x = self.inputs[start:start + self.batch_size]
-            yield x, self.targets[start:start + self.batch_size], len(x) / n
+        """Fixed batches ``(x, y, weight)`` of this rank's rows on the device, ``weight = len(x) / N`` (N: the
+        whole set's examples)."""
+        return self.data.batches()
+
+    def examples(self, index: np.ndarray | Tensor) -> tuple[Tensor, Tensor]:
+        """``(x, y)`` on the device for the examples ``index`` ``(n,)`` of the whole evaluation set."""
+        return self.data.whole().take(index)
+
+    def whole(self) -> Objective:
+        """The same objective over the whole evaluation set on every rank, with no sums over ranks (for
+        analyses that share out points or mini-batches); ``self`` when not sharded."""
+        if not self.sharded:
+            return self
+        whole = copy.copy(self)
+        whole.sharded, whole.data = False, self.data.whole()
+        return whole
+
+    def sum_over_ranks_(self, tensors: Sequence[Tensor]) -> Sequence[Tensor]:
+        """Sum ``tensors`` (one dtype and device) over the ranks in place when sharded (one collective)."""
+        return distributed.all_reduce_sum_many_(tensors) if self.sharded else tensors
 
     def _eval_outputs(self, x: Tensor) -> Any:
         """Outputs at the base weights with running BatchNorm statistics (for :func:`check_fits`)."""
@@ -258,16 +325,19 @@ class Objective:
 
     def nonfinite(self) -> tuple[str, str] | None:
         """``(problem, fix)`` in words when the weights, floating buffers or evaluation inputs hold NaN/inf;
-        None when everything is finite."""
+        None when everything is finite. (Sharded: the inputs of every rank are counted, one collective.)"""
         weights = count_nonfinite({**self.frozen, **self.params, **self.buffers})
         if weights:
             checkpoint = self.source.get("checkpoint")
             owner = f"the weights of {checkpoint}" if checkpoint else "the weights"
             return (f"{owner} hold {weights[0]} (first in {weights[1]})",
                     "use a checkpoint saved before training diverged")
-        inputs = count_nonfinite({"inputs": self.inputs})
-        if inputs:
-            return (f"the inputs of {self._data_name()} hold {inputs[0]}",
+        x = self.inputs
+        counts = (torch.stack([torch.isnan(x).sum(), (~torch.isfinite(x)).sum()]) if x.is_floating_point()
+                  else torch.zeros(2, dtype=torch.int64, device=x.device))
+        nan, bad = (int(c) for c in self.sum_over_ranks_([counts])[0])
+        if bad:
+            return (f"the inputs of {self._data_name()} hold {nonfinite_words(nan, bad - nan)}",
                     "remove or replace the non-finite inputs in the dataset")
         return None
 
@@ -295,7 +365,7 @@ class Objective:
 
     def loss_and_accuracy(self, delta: Mapping[str, Tensor] | None = None,
                           params: Mapping[str, Tensor] | None = None) -> tuple[float, float]:
-        """Exact mean loss and accuracy (fraction) at ``params + delta``."""
+        """Exact mean loss and accuracy (fraction) at ``params + delta`` over the whole evaluation set."""
         at = self._at(delta, params)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
@@ -304,6 +374,8 @@ class Objective:
                 out = self.outputs(at, x)
                 total += self.loss_fn(out, y).double() * weight
                 correct += accuracy_count(out, y)
+        if self.sharded:
+            total, correct = self.sum_over_ranks_([torch.stack([total, correct.double()])])[0]
         return float(total), int(correct) / self.num_examples
 
     def loss(self, delta: Mapping[str, Tensor] | None = None, params: Mapping[str, Tensor] | None = None) -> float:
@@ -311,18 +383,19 @@ class Objective:
 
     def gradient(self, delta: Mapping[str, Tensor] | None = None,
                  params: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        """Gradient of the exact mean loss at ``params + delta``."""
+        """Gradient of the exact mean loss at ``params + delta`` over the whole evaluation set."""
         at = self._at(delta, params)
         total = {n: torch.zeros_like(t) for n, t in at.items()}
         for x, y, weight in self.batches():
             for name, g in grad(self.batch_loss)(at, x, y).items():
                 total[name].add_(g, alpha=weight)
+        self.sum_over_ranks_(list(total.values()))
         return total
 
     def example_gradients(self, chunk: int) -> Iterator[Tensor]:
         """Each example's loss gradient (at its own label), flat in parameter order: ``(rows, d)`` for each
-        run of at most ``chunk`` examples, in evaluation-set order. Refused under ``bn="train"`` with
-        BatchNorm, which would normalise each example by itself."""
+        run of at most ``chunk`` examples of this rank's rows, in evaluation-set order. Refused under
+        ``bn="train"`` with BatchNorm, which would normalise each example by itself."""
         if self.bn == "train" and has_batchnorm(self.model):
             raise LandscapeError("per-example gradients (the empirical Fisher) need BatchNorm on running "
                                  "statistics; use --bn eval (bn='eval')")
@@ -334,7 +407,8 @@ class Objective:
                examples: Sequence[int] | np.ndarray | Tensor | None = None) -> Objective:
         """The same objective (sharing weights and buffers) over the parameters matching ``params`` (globs;
         the others held fixed at their values), with BatchNorm mode ``bn``, and/or over the evaluation-set
-        rows ``examples`` (indices ``(n,)``, in that order; recorded by count and digest)."""
+        rows ``examples`` (indices ``(n,)`` into the whole set, in that order; recorded by count and digest;
+        every rank then holds all of them: the derived objective is not sharded)."""
         derived = copy.copy(self)
         if examples is not None:
             index = np.asarray(examples)
@@ -343,13 +417,14 @@ class Objective:
                     or index.min() < 0 or index.max() >= n:
                 raise LandscapeError(f"examples must be a non-empty 1-D array of integer indices in [0, {n}), got "
                                      f"{index.dtype} of shape {index.shape}")
-            rows = torch.as_tensor(index, device=self.device)
-            derived.inputs, derived.targets = self.inputs[rows], self.targets[rows]
+            derived.sharded, derived.data = False, self.data.whole().select(index)
             derived.source = {**self.source, "examples": {"n": len(index), "indices_sha256": indices_digest(index)}}
         if bn is not None:
             if bn not in BN_MODES:
                 raise LandscapeError(f"unknown bn {bn!r}; use train (batch statistics) or eval (running statistics)")
             derived.bn = bn
+            if derived.sharded:   # whole batches or not
+                derived.data = self.data.part(*derived._share())
         if params is not None:
             names = select(list(self.params), params)
             derived.params = {n: self.params[n] for n in names}
@@ -369,15 +444,19 @@ def indices_digest(indices: np.ndarray) -> str:
 def load_objective(checkpoint: str, *, data: str | None = None, split: str = "train", subset: int | None = None,
                    subset_seed: int = 0, batch_size: int = 256, bn: str = "eval", dtype: torch.dtype | str | None = None,
                    device: str | torch.device = "auto", arch: str | None = None, arch_kwargs: Mapping | None = None,
-                   trust: bool = False) -> Objective:
+                   trust: bool = False, data_on: str = "auto", shard: bool | None = None) -> Objective:
     """Build an :class:`Objective` from a checkpoint file and a dataset spec.
 
     ``data`` defaults to the dataset recorded in a landscape checkpoint; a recorded
     ``module:function`` dataset (like a recorded ``module:function`` architecture) is refused
     unless ``trust=True``, so name it as ``data``/``arch`` to run it. ``subset`` picks a
     deterministic subset (by ``subset_seed``) of the split; the recipe and a digest of the
-    chosen indices are recorded so the evaluation set can be rebuilt exactly.
+    chosen indices are recorded so the evaluation set can be rebuilt exactly (the same recipe and
+    digest on every rank and world size). Under torchrun it joins the process group
+    (:func:`landscape.distributed.setup`), ``device="auto"`` is this rank's GPU, and the objective is
+    data parallel unless ``shard=False`` (see :class:`Objective`); ``data_on`` as there.
     """
+    distributed.setup()
     from landscape.checkpoint import load_checkpoint, recorded_spec
     from landscape.data import eval_subset, load_dataset
     from landscape.models import model_options
@@ -406,4 +485,4 @@ def load_objective(checkpoint: str, *, data: str | None = None, split: str = "tr
               "eval_set": {"split": split, "subset": subset, "subset_seed": subset_seed, "n": len(indices),
                            "indices_sha256": indices_digest(indices)}}
     return Objective(ckpt.model, x, y, batch_size=batch_size, bn=bn, dtype=dtype,
-                     device=resolve_device(device), source=source)
+                     device=resolve_device(device), source=source, data_on=data_on, shard=shard)

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from landscape import store
+from landscape import distributed, store
 
 
 class Result:
@@ -29,8 +29,9 @@ class Result:
         return key in self.arrays or key in self.attrs
 
     def save(self, path: str | Path, overwrite: bool = False) -> Path:
-        """Write this result as ``/group`` of the HDF5 file ``path`` (atomically)."""
-        store.write_group(path, self.group, self.arrays, self.attrs, overwrite=overwrite)
+        """Write this result as ``/group`` of the HDF5 file ``path`` (atomically). Under torchrun call it on
+        every rank: rank 0 writes, and an error it meets is raised on every rank."""
+        distributed.on_main(lambda: store.write_group(path, self.group, self.arrays, self.attrs, overwrite=overwrite))
         return Path(path)
 
     @classmethod

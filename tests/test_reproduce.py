@@ -34,3 +34,12 @@ def test_pipeline_writes_every_result_figure_and_summary(tmp_path):
 def test_cli_rejects_unknown_optimizer(tmp_path):
     result = invoke("reproduce", "--optimizers", "sgd,adam9", "--out-dir", tmp_path)
     assert result.exit_code == 2 and "adam9" in result.output and "Traceback" not in result.output
+
+
+def test_cli_refuses_torchrun_in_one_line(tmp_path, monkeypatch):
+    from landscape import distributed
+    monkeypatch.setattr(distributed, "launched", lambda: True)   # as under torchrun (without joining a group)
+    monkeypatch.setattr(distributed, "setup", lambda: None)
+    result = invoke("reproduce", "--out-dir", tmp_path)
+    assert result.exit_code == 2 and "without torchrun" in result.output and "Traceback" not in result.output
+    assert not any(tmp_path.iterdir())

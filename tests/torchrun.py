@@ -18,9 +18,11 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-def torchrun(nproc: int, *args: str, logs: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``torchrun --standalone --nproc-per-node NPROC ARGS`` with OMP_NUM_THREADS=1; ARGS: a script or ``-m module``."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "LANDSCAPE_DIST_TIMEOUT": "60"}
+def torchrun(nproc: int, *args: str, logs: Path, timeout: float = 240,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node NPROC ARGS`` with OMP_NUM_THREADS=1 (and ``env``); ARGS: a script
+    or ``-m module``."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "LANDSCAPE_DIST_TIMEOUT": "60", **(env or {})}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                f"--log-dir={logs}", "--redirects=3", *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)

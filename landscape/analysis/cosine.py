@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from landscape import optimizers
+from landscape import distributed, optimizers
 from landscape.analysis.gradients import (MINIBATCH, batch_loss, cosine, loss_and_grad, minibatches, optimizer_default,
                                           seeded_generator, shifted, with_bn)
 from landscape.errors import LandscapeError
@@ -95,15 +95,17 @@ def _summary(samples: np.ndarray, axes: tuple[int, ...]) -> tuple[np.ndarray, np
     return np.nanmean(samples, axis=axes), np.nanstd(samples, axis=axes)
 
 
-def _stability_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], rhos: list[float],
+def _stability_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], mine: range, rhos: list[float],
                        gammas2: list[float], noise: str, draws: int, seed: int,
                        tick: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Cosine and perturbed loss per (γ², batch, draw, ρ); NaN-padded where γ² = 0 needs one draw only."""
+    """Cosine and perturbed loss per (γ², batch, draw, ρ) on the batches ``mine``; NaN-padded where γ² = 0
+    needs one draw only (and at the other batches)."""
     weights = list(objective.params.values())
     shape = (len(gammas2), len(data), draws, len(rhos))
     cosines, perturbed = np.full(shape, np.nan), np.full(shape, np.nan)
     for gi, gamma2 in enumerate(gammas2):
-        for b, (x, y) in enumerate(data):
+        for b in mine:
+            x, y = data[b]
             for d in range(draws if gamma2 > 0 else 1):
                 base = objective.params
                 if gamma2 > 0:
@@ -118,15 +120,17 @@ def _stability_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], 
     return cosines, perturbed
 
 
-def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], rhos: list[float], draws: int,
-                       pga_steps: int, pga_step: float, rsam_gamma: float, rsam_grad_weight: float, seed: int,
-                       tick: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batch losses: unperturbed (B), projected-ascent iterates from SAM's point (B x R x k+1), R-SAM (B x D x R)."""
+def _inner_max_samples(objective: Objective, data: list[tuple[Tensor, Tensor]], mine: range, rhos: list[float],
+                       draws: int, pga_steps: int, pga_step: float, rsam_gamma: float, rsam_grad_weight: float,
+                       seed: int, tick: Callable[[], Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Batch losses on the batches ``mine`` (NaN at the others): unperturbed (B), projected-ascent iterates
+    from SAM's point (B x R x k+1), R-SAM (B x D x R)."""
     weights = list(objective.params.values())
-    base_losses = np.zeros(len(data))
-    pga = np.zeros((len(data), len(rhos), pga_steps + 1))
-    rsam = np.zeros((len(data), draws, len(rhos)))
-    for b, (x, y) in enumerate(data):
+    base_losses = np.full(len(data), np.nan)
+    pga = np.full((len(data), len(rhos), pga_steps + 1), np.nan)
+    rsam = np.full((len(data), draws, len(rhos)), np.nan)
+    for b in mine:
+        x, y = data[b]
         base_losses[b], grads = loss_and_grad(objective, objective.params, x, y)
         for ri, rho in enumerate(rhos):
             pga[b, ri] = projected_ascent(objective, x, y, rho, optimizers.sam_perturbation(grads, rho),
@@ -181,14 +185,17 @@ def cosine_stability(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS,
     _check(rhos, gammas2, noise, draws, pga_steps, pga_step, rsam_gamma, rsam_grad_weight)
     objective = with_bn(objective, bn)
     data = minibatches(objective, batches, batch_size, seed)
+    mine = distributed.share(batches)  # (under torchrun each rank measures its share of the minibatches)
     num_draws = [1 if g2 == 0 else draws for g2 in gammas2]
-    bar = progress(sum(num_draws) * batches + batches, "cosine", "point") if progress else None
+    bar = progress(sum(num_draws) * len(mine) + len(mine), "cosine", "point") if progress else None
     tick = bar.update if bar else lambda: None
-    cosines, perturbed = _stability_samples(objective, data, rhos, gammas2, noise, draws, seed, tick)
-    base_losses, pga, rsam = _inner_max_samples(objective, data, rhos, draws, pga_steps, pga_step, rsam_gamma,
+    cosines, perturbed = _stability_samples(objective, data, mine, rhos, gammas2, noise, draws, seed, tick)
+    base_losses, pga, rsam = _inner_max_samples(objective, data, mine, rhos, draws, pga_steps, pga_step, rsam_gamma,
                                                 rsam_grad_weight, seed, tick)
     if bar:
         bar.close()
+    cosines, perturbed, base_losses, pga, rsam = distributed.gather_shares([cosines, perturbed, base_losses, pga,
+                                                                            rsam], axes=[1, 1, 0, 0, 0])
     sam, best = pga[:, :, 0], pga.max(axis=2)
 
     cosine_mean, cosine_std = _summary(cosines, (1, 2))

@@ -3,6 +3,11 @@
 The diagnostics compare gradients at two points on the *same* minibatch, as an optimizer
 step does. This module draws those minibatches reproducibly, evaluates loss and gradient on
 one batch with ``torch.func``, and derives seeded generators for the noise draws.
+
+Under torchrun the minibatches are shared out whole among the ranks
+(:func:`landscape.distributed.share`): every rank draws the same minibatches from the whole
+evaluation set, computes its own, and the per-batch results are gathered (cosine) or summed
+(ratio's histogram counts). Each minibatch is computed as in one process, so the results are too.
 """
 
 from __future__ import annotations
@@ -50,8 +55,8 @@ def minibatches(objective: Objective, count: int, batch_size: int | None, seed: 
     if needed > objective.num_examples:
         raise LandscapeError(f"{count} batches of {batch_size} need {needed} examples but the evaluation set has "
                              f"{objective.num_examples}; lower --batches or --batch-size, or enlarge --subset")
-    order = torch.randperm(objective.num_examples, generator=seeded_generator(seed, 0)).to(objective.device)
-    return [(objective.inputs[chunk], objective.targets[chunk]) for chunk in order[:needed].split(batch_size)]
+    order = torch.randperm(objective.num_examples, generator=seeded_generator(seed, 0))
+    return [objective.examples(chunk) for chunk in order[:needed].split(batch_size)]
 
 
 def loss_and_grad(objective: Objective, at: Mapping[str, Tensor], x: Tensor, y: Tensor) -> tuple[float, list[Tensor]]:

@@ -9,6 +9,10 @@ subset and per block of parameters (:func:`parameter_blocks`). :class:`HessianRe
 finds and prints its summary; it is stored as one group per curvature (``/hessian``, ``/ggn``,
 ``/fisher``), so one file holds all three. :func:`minibatch_lambda1` measures how lambda1 spreads
 over disjoint mini-batches of the evaluation set (:class:`BatchSpreadResult`, ``/<curvature>_batches``).
+
+Under torchrun the objective is data parallel: every curvature product is summed over the ranks'
+shares of the evaluation set (in the operator), and the solvers run identically on every rank.
+:func:`minibatch_lambda1` shares its mini-batches out whole instead: each rank measures its own.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landscape import distributed
 from landscape.curvature import NAMES
 from landscape.curvature.fisher import EmpiricalFisherOperator
 from landscape.curvature.ggn import GGNOperator
@@ -259,27 +264,27 @@ def minibatch_lambda1(objective: Objective, per_batch: int, batches: int = 8, *,
         objective = objective.derive(params=params)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:per_batch * batches].numpy()
     indices = np.sort(order.reshape(batches, per_batch), axis=1)
-    values, residuals, converged, products = [], [], [], 0
-    for rows in indices:
-        operator = CURVATURES.get(curvature)(objective.derive(examples=rows), hvp_batch, progress)
+    lambda1, residuals, converged, products = (np.full(batches, np.nan), np.full(batches, np.nan),
+                                                np.zeros(batches, dtype=bool), np.zeros(batches, dtype=np.int64))
+    for b in distributed.share(batches):  # (under torchrun each rank measures its share of the batches)
+        operator = CURVATURES.get(curvature)(objective.derive(examples=indices[b]), hvp_batch, progress)
         pairs = extreme_eigenpairs(operator, 1, 0, tol, max_hvps, seed)
-        values.append(pairs["top"][0])
-        residuals.append(pairs["top_residuals"][0])
-        converged.append(bool(pairs["top_converged"][0]))
-        products += operator.products
-    lambda1 = np.array(values)
+        lambda1[b], residuals[b], converged[b] = pairs["top"][0], pairs["top_residuals"][0], pairs["top_converged"][0]
+        products[b] = operator.products
+    lambda1, residuals, converged, products = distributed.gather_shares([lambda1, residuals, converged, products],
+                                                                        axes=[0, 0, 0, 0])
     counts, edges = np.histogram(lambda1, bins="sturges")
     std = float(lambda1.std(ddof=1))
-    arrays = {"batch_lambda1": lambda1, "batch_residuals": np.array(residuals),
-              "batch_converged": np.array(converged), "batch_indices": indices,
+    arrays = {"batch_lambda1": lambda1, "batch_residuals": residuals,
+              "batch_converged": converged, "batch_indices": indices,
               "histogram_counts": counts, "histogram_edges": edges}
     attrs: dict[str, Any] = {
         "curvature": curvature, "per_batch": per_batch, "batches": batches, "tol": tol,
         "num_params": objective.num_params,
         "mean": float(lambda1.mean()), "std": std, "stderr": std / math.sqrt(batches),
         "max_over_min": float(lambda1.max() / lambda1.min()) if lambda1.min() > 0 else math.nan,
-        "all_converged": all(converged),
-        "hvp_count": products, "time_s": time.perf_counter() - begin}
+        "all_converged": bool(converged.all()),
+        "hvp_count": int(products.sum()), "time_s": time.perf_counter() - begin}
     attrs.update(provenance(config, objective.provenance(), seed, objective.device))
     _warn_unconverged(attrs, NAMES[curvature])
     return BatchSpreadResult(arrays, attrs, group=f"{curvature}_batches")

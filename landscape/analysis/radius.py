@@ -4,7 +4,9 @@
 - RWP: mean ± std over n draws of L(w + r ξ/‖ξ‖), ξ = :func:`landscape.optimizers.filterwise_noise`.
 ‖·‖ is the global L2 norm, so both move the weights by exactly r; the same n draws serve every
 radius. The RWP/AWP radius ratio at equal loss increase comes from log-linear interpolation of the
-two curves (the RWP paper's Fig. 1 finds about 100×).
+two curves (the RWP paper's Fig. 1 finds about 100×). Under torchrun the (radius, direction) points
+are shared out among the ranks (:mod:`landscape.engine.runner`), each rank computing the full-set
+gradient itself, so the curves are bit-identical to a single-process run.
 """
 
 from __future__ import annotations
@@ -121,6 +123,7 @@ def radius_curve(objective: Objective, radii: Any = DEFAULT_RADII, *, draws: int
     directions = 3 * (draws + 1) * objective.num_params * torch.finfo(objective.dtype).bits // 8
     check_room(out, (len(radii), draws + 1), ["eval_loss", "eval_acc"],
                f"radius with {len(radii):,} radii x {draws + 1:,} directions", memory=directions)
+    objective = objective.whole()  # (the ranks share out points: each computes the gradient as one process does)
     names = list(objective.params)
     weights = [objective.params[n] for n in names]
     gradient = objective.gradient()

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from landscape import optimizers
+from landscape import distributed, optimizers
 from landscape.analysis.gradients import (MINIBATCH, loss_and_grad, minibatches, optimizer_default, seeded_generator,
                                           shifted, with_bn)
 from landscape.errors import LandscapeError
@@ -122,9 +122,11 @@ def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *
     layers = {name: {"counts": torch.zeros((num_rhos, num_bins), dtype=torch.int64, device=objective.device),
                      **{c: torch.zeros(num_rhos, dtype=torch.int64, device=objective.device) for c in _COUNTERS}}
               for name in objective.params}
-    bar = progress(batches * num_rhos, "ratio", "grad") if progress else None
+    mine = distributed.share(batches)  # (under torchrun each rank measures its share of the minibatches)
+    bar = progress(len(mine) * num_rhos, "ratio", "grad") if progress else None
 
-    for b, (x, y) in enumerate(data):
+    for b in mine:
+        x, y = data[b]
         _, grads = loss_and_grad(objective, objective.params, x, y)
         rule = _perturbation_rule(perturbation, objective, x, y, grads, asam_eta, rsam_gamma, rsam_grad_weight,
                                   seeded_generator(seed, _RSAM_NOISE, b))
@@ -143,6 +145,7 @@ def gradient_ratio(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *
                 bar.update(1)
     if bar:
         bar.close()
+    distributed.all_reduce_sum_many_([count for layer in layers.values() for count in layer.values()])
 
     per_layer = {name: {k: v.cpu().numpy() for k, v in layer.items()} for name, layer in layers.items()}
     totals = {k: sum(layer[k] for layer in per_layer.values()) for k in ("counts", *_COUNTERS)}

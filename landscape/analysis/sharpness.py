@@ -40,11 +40,13 @@ module does:
   gradients under the checkpoint's statistics and the maximum is then taken over {0, δ*} (its best
   iterate) under recomputed statistics.
 - Not implemented: their logit normalisation and random restarts.
+
+Under torchrun the (batch, ρ) units are shared out among the ranks (:mod:`landscape.engine.runner`),
+each computed on its batch's rows of the whole evaluation set: the same values as in one process.
 """
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -54,6 +56,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from landscape import distributed
 from landscape.analysis.cosine import project_to_ball
 from landscape.analysis.gradients import loss_and_grad, seeded_generator, shifted
 from landscape.engine.evaluator import PointEvaluator
@@ -102,13 +105,6 @@ class SharpnessResult(Result):
         widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
         lines += ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in (header, *rows)]
         return "\n".join(lines)
-
-
-def _rows(objective: Objective, start: int, stop: int) -> Objective:
-    """The same objective on examples ``start:stop`` of its evaluation set (a shallow copy)."""
-    part = copy.copy(objective)
-    part.inputs, part.targets = objective.inputs[start:stop], objective.targets[start:stop]
-    return part
 
 
 def _loss_and_gradient(objective: Objective, delta: Sequence[Tensor]) -> tuple[float, list[Tensor]]:
@@ -223,6 +219,7 @@ def sharpness(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, kin
         :class:`SharpnessResult`; ``result["worst"]``, ``result["average"]`` are arrays over ``rhos``.
     """
     rhos = np.asarray(rhos, dtype=np.float64).reshape(-1)
+    objective = objective.whole()  # (under torchrun the ranks share out the units, each on its batch's rows)
     _check(objective, rhos, kind, norm, m, steps, step_size, start, draws, bn_recompute)
     p, n = NORMS[norm], objective.num_examples
     size = n if m is None else int(m)
@@ -262,7 +259,7 @@ def sharpness(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, kin
         nonlocal part
         b, i = index
         if part is None or part[0] != b:
-            batch = _rows(objective, *bounds[b])
+            batch = objective.derive(examples=np.arange(*bounds[b]))
             part = (b, batch, PointEvaluator({"batch": batch}, noise, bn_recompute=bn_recompute) if average else None)
         values: dict[str, Any] = {}
         rho = float(rhos[i])
@@ -278,7 +275,7 @@ def sharpness(objective: Objective, rhos: Sequence[float] = DEFAULT_RHOS, *, kin
                                       progress=progress, flush_seconds=0.0,
                                       derive=lambda finished: _per_rho(finished, batch_sizes))
     if out is not None:
-        return SharpnessResult(*read_group(out, SharpnessResult.group))
+        return SharpnessResult(*distributed.on_main(lambda: read_group(out, SharpnessResult.group)))
     return SharpnessResult(arrays, {**attrs, **derived_attrs})
 
 

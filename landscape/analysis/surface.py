@@ -12,7 +12,8 @@
 
 Points are evaluated by :class:`landscape.engine.evaluator.PointEvaluator` and run by
 :mod:`landscape.engine.runner`, which writes them incrementally, so a killed run resumes with no
-finished point lost and none recomputed, bit-identical to an uninterrupted run.
+finished point lost and none recomputed, bit-identical to an uninterrupted run. Under torchrun the
+ranks share the points out, each over the whole evaluation set, and rank 0 writes.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from landscape import distributed
 from landscape.checkpoint import target_state
 from landscape.engine.evaluator import METRICS, PointEvaluator
 from landscape.engine.runner import Progress, check_room, grid_point, run_group
@@ -168,7 +170,7 @@ def _grid(result_type: type[Result], objectives: Mapping[str, Objective], direct
                           grid_point(coordinates), resume=resume, overwrite=overwrite, progress=progress,
                           flush_seconds=flush_seconds, derive=None if paths is None else path_loss)
     if out is not None:
-        arrays, attrs = read_group(out, result_type.group)
+        arrays, attrs = distributed.on_main(lambda: read_group(out, result_type.group))
     return result_type(arrays, attrs)
 
 

@@ -34,19 +34,20 @@ class EmpiricalFisherOperator(CurvatureOperator):
 
     def __init__(self, objective: Objective, batch: int = 4, progress: Callable[[int], Any] | None = None,
                  cache_bytes: int | None = None, chunk: int | None = None) -> None:
-        super().__init__(objective.num_params, objective.dtype, objective.device, batch=batch, progress=progress)
+        super().__init__(objective.num_params, objective.dtype, objective.device, batch=batch, progress=progress,
+                         sharded=objective.sharded)
         self.objective = objective
         self.cache_bytes = cache_budget(self.device) if cache_bytes is None else cache_bytes
         value_bytes = torch.finfo(self.dtype).bits // 8
         self.chunk = chunk or max(1, min(objective.batch_size, CHUNK_BYTES // (self.dim * value_bytes)))
-        self.cached = objective.num_examples * self.dim * value_bytes <= self.cache_bytes
+        self.cached = objective.num_local_examples * self.dim * value_bytes <= self.cache_bytes
         self.gradients: Tensor | None = None   # (N, d) once computed, when cached
 
     def _apply(self, rows: Tensor) -> Tensor:
         chunks: Iterable[Tensor]
         if self.cached:
             if self.gradients is None:
-                self.gradients = torch.cat(list(self.objective.example_gradients(self.chunk)))
+                self.gradients = torch.cat([rows.new_zeros(0, self.dim), *self.objective.example_gradients(self.chunk)])
             chunks = [self.gradients]
         else:
             chunks = self.objective.example_gradients(self.chunk)

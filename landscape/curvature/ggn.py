@@ -38,7 +38,8 @@ class GGNOperator(CurvatureOperator):
 
     def __init__(self, objective: Objective, batch: int = 4, progress: Callable[[int], Any] | None = None,
                  vectorize: bool | None = None) -> None:
-        super().__init__(objective.num_params, objective.dtype, objective.device, batch=batch, progress=progress)
+        super().__init__(objective.num_params, objective.dtype, objective.device, batch=batch, progress=progress,
+                         sharded=objective.sharded)
         self.objective = objective
         self.shapes = {name: p.shape for name, p in objective.params.items()}
         self.sizes = [p.numel() for p in objective.params.values()]

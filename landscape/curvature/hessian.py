@@ -18,6 +18,7 @@ three ways of computing one and chooses among them per pass:
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -38,7 +39,8 @@ class HessianOperator(CurvatureOperator):
 
     def __init__(self, objective: Objective, batch: int = 4, progress: Callable[[int], Any] | None = None,
                  cache_bytes: int | None = None) -> None:
-        super().__init__(objective.num_params, objective.dtype, objective.device, batch=batch, progress=progress)
+        super().__init__(objective.num_params, objective.dtype, objective.device, batch=batch, progress=progress,
+                         sharded=objective.sharded)
         self.objective = objective
         self.shapes = {name: p.shape for name, p in objective.params.items()}
         self.sizes = [p.numel() for p in objective.params.values()]
@@ -73,13 +75,16 @@ class HessianOperator(CurvatureOperator):
     def _cached_graphs(self) -> list[tuple[list[Tensor | None], float]]:
         """Every batch's first-order graph with its weight, or none if (by the first batch) they would
         not all fit in ``cache_bytes``."""
-        batches = list(self.objective.batches())
-        first = batches[0][0]
-        estimate = self._first_order(first, batches[0][1], measure=True)[1] * self.objective.num_examples / len(first)
+        batches = self.objective.batches()   # (streamed from host memory, they come one at a time)
+        first = next(batches, None)
+        if first is None:   # this rank holds no rows of a sharded objective: its part of every product is 0
+            return []
+        estimate = (self._first_order(first[0], first[1], measure=True)[1] * self.objective.num_local_examples
+                    / len(first[0]))
         if estimate > self.cache_bytes:
             return []
         self.graph_bytes = int(estimate)
-        return [(self._first_order(x, y)[0], weight) for x, y, weight in batches]
+        return [(self._first_order(x, y)[0], weight) for x, y, weight in itertools.chain([first], batches)]
 
     def _double_backward(self, vector: Tensor) -> Tensor:
         """``H v`` for one vector ``(d,)`` through the cached graphs."""

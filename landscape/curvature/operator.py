@@ -6,6 +6,12 @@ scipy and curvlinops). Internally a block is ``(K, d)``, one vector per row: a r
 vector, which is how the solvers store Lanczos bases and probes and how a Hessian-vector product
 splits a vector into parameters, so the solvers hand their blocks over without copies.
 ``op @ V`` is ``op.apply(V.T).T`` (two views).
+
+Under torchrun an operator of a data-parallel objective (``sharded``) computes each product over this
+rank's share of the evaluation set (batches weighted by rows over the whole set) and :meth:`apply`
+sums the products over the ranks, in one collective per pass: this is the only place curvature is
+reduced. Every rank then holds the same product, so the solvers run identically on every rank from
+the same seed and hold the same vectors.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from landscape import distributed
 from landscape.errors import LandscapeError
 
 if TYPE_CHECKING:
@@ -40,15 +47,17 @@ class CurvatureOperator:
     Subclasses implement :meth:`_apply` for blocks of at most ``batch`` rows (the most vectors per
     pass; memory grows with it, and Hutchinson draws its probes in blocks of this size).
     ``products`` counts the matrix-vector products, one per vector whichever way they are computed;
-    ``progress(n)`` is called after every pass with the number ``n`` of new products.
+    ``progress(n)`` is called after every pass with the number ``n`` of new products. ``sharded``: each
+    :meth:`_apply` gives this rank's part of the product, which :meth:`apply` sums over the ranks.
     """
 
     def __init__(self, dim: int, dtype: torch.dtype, device: torch.device, *, batch: int = 4,
-                 progress: Callable[[int], Any] | None = None) -> None:
+                 progress: Callable[[int], Any] | None = None, sharded: bool = False) -> None:
         self.dim = int(dim)
         self.dtype, self.device = dtype, torch.device(device)
         self.batch = max(1, int(batch))
         self.progress = progress
+        self.sharded = sharded
         self.products = 0
 
     @property
@@ -69,12 +78,13 @@ class CurvatureOperator:
 
     def apply(self, rows: Tensor) -> Tensor:
         """``A`` applied to every row of ``rows`` ``(K, d)``: ``(K, d)`` (``rows @ A``; ``A`` is symmetric),
-        ``batch`` rows per pass."""
+        ``batch`` rows per pass (summed over the ranks when ``sharded``)."""
         if not len(rows):
             return rows.clone()
         out = []
         for chunk in rows.split(self.batch):
-            out.append(self._apply(chunk))
+            product = self._apply(chunk)
+            out.append(distributed.all_reduce_sum_(product) if self.sharded else product)
             self.record(len(chunk))
         return torch.cat(out)
 

@@ -2,6 +2,7 @@
 Hutchinson trace, run on a throw-away module holding a copy of the weights, so the user's model is
 never touched. Its HVPs are PyHessian's own (the comparison is the point); the
 :class:`~landscape.curvature.hessian.HessianOperator` given counts them and measures the residuals.
+Under torchrun every rank runs PyHessian on the whole evaluation set (no speed-up, the same result).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def pyhessian_hessian(operator: HessianOperator):
             operator.record(1)
             return super().dataloader_hv_product(v)
 
-    batches = [(x, y) for x, y, _ in objective.batches()]
+    batches = [(x, y) for x, y, _ in objective.whole().batches()]  # (its HVPs cannot be summed over ranks)
     return Counted(_WeightsModule(objective), objective.loss_fn, dataloader=batches,
                    cuda=objective.device.type == "cuda")
 

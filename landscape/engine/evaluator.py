@@ -1,8 +1,8 @@
 """The point evaluator: loss and accuracy at many points ``w + Σ_i c_i d_i`` of weight space, fast.
 
 :class:`PointEvaluator` keeps a private copy of the model whose moving weights are set in place for
-each point from a saved base with foreach ops; the evaluation sets stay on the device and run in
-inference mode. Its speed-ups are the rewrites of :mod:`landscape.engine.rewrites`, each switchable,
+each point from a saved base with foreach ops; the evaluation sets stay on the device (or stream
+from host memory, when held there: :mod:`landscape.evalset`) and run in inference mode. Its speed-ups are the rewrites of :mod:`landscape.engine.rewrites`, each switchable,
 checked against the plain copy on a probe, and recorded in ``speedups``; a rewrite that does not
 apply, raises or disagrees is dropped and the reason logged at DEBUG level
 (``logging.getLogger("landscape.engine")``).
@@ -19,7 +19,7 @@ import copy
 import logging
 import math
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from landscape.engine.rewrites import (
     stack_linear_points,
 )
 from landscape.errors import LandscapeError
+from landscape.evalset import Batches
 from landscape.objective import Objective, batchnorm_mode, count_nonfinite, has_batchnorm
 
 log = logging.getLogger(__name__)
@@ -143,7 +144,9 @@ class PointEvaluator:
     Args:
         objectives: ``{split: Objective}``. The first supplies the base weights and buffers; all
             share its parameters, dtype, device and BatchNorm mode; each brings its evaluation set
-            and loss. The objectives and their model are never modified.
+            and loss. The objectives and their model are never modified. A data-parallel (sharded)
+            objective is evaluated over its whole evaluation set (:meth:`Objective.whole`): under
+            torchrun the ranks share out points, not rows.
         directions: tensor dicts keyed by parameter names (or floating buffer names, to move
             BatchNorm statistics too).
         bn_recompute: before each point, recompute every BatchNorm layer's running mean and
@@ -155,7 +158,7 @@ class PointEvaluator:
                  bn_recompute: bool = False, fold_batchnorm: bool | None = None, channels_last: bool | None = None,
                  micro_batch: bool | None = None, linear_first_layer: bool | None = None,
                  stack_points: bool | int | None = None, inplace_activations: bool | None = None) -> None:
-        self.objectives = dict(objectives)
+        self.objectives = {split: o.whole() for split, o in objectives.items()}  # (points are shared out, not rows)
         first = next(iter(self.objectives.values()))
         self.primary, self.bn, self.device = next(iter(self.objectives)), first.bn, first.device
         _check(self.objectives, directions, bn_recompute)
@@ -215,10 +218,7 @@ class PointEvaluator:
         self._modes.enter_context(batchnorm_mode(self.work, self.bn))
         self.moving = _moving_weights(self.work, first, directions)
         rows = self._rewrite("micro_batch", self._micro_batch_rows) if options["micro_batch"] else None
-        self.batches = {split: [(self._arrange(x), y, w * len(x) / len(whole))
-                                for whole, targets, w in o.batches()
-                                for x, y in zip(whole.split(rows or len(whole)), targets.split(rows or len(whole)))]
-                        for split, o in self.objectives.items()}
+        self.batches = {split: self._batches(o, rows) for split, o in self.objectives.items()}
         self.first_layer_cache: CachedFirstLayer | None = None
         self._stacked: list[StackedLinear] = []
         self.scores_by_point = False  # stacked class scores come as (points, rows, classes)
@@ -233,6 +233,16 @@ class PointEvaluator:
         self.stack = self._rewrite("stack_points", self._stack_points, options["stack_points"])
         self.speedups["stack_points"] = self.stack
         self.speedups["inplace_activations"] = self._rewrite("inplace_activations", run_in_place, self.work, fresh)
+
+    def _batches(self, objective: Objective, rows: int | None) -> Sequence[tuple[Tensor, Tensor, float]] | Batches:
+        """The objective's batches as the copy takes them (in micro-batches of ``rows``, in its layout): a
+        list on the device, or :class:`~landscape.evalset.Batches` streaming them anew from host memory
+        at every pass when the evaluation set is held there."""
+        def pieces() -> Iterator[tuple[Tensor, Tensor, float]]:
+            for whole, targets, w in objective.batches():
+                for x, y in zip(whole.split(rows or len(whole)), targets.split(rows or len(whole))):
+                    yield self._arrange(x), y, w * len(x) / len(whole)
+        return Batches(pieces) if objective.data.streamed else list(pieces())
 
     def _micro_batch_rows(self) -> int | None:
         """Rows per forward (see :func:`landscape.engine.rewrites.micro_batch_rows`), or ``None``."""
@@ -270,7 +280,8 @@ class PointEvaluator:
         if owners is None:
             return 1
         if request is True:
-            rows = max(len(x) for batches in self.batches.values() for x, _, _ in batches)
+            micro = self.speedups["micro_batch"] or math.inf  # the most rows per forward, without a pass
+            rows = max(min(micro, o.batch_size, o.num_examples) for o in self.objectives.values())
             widest = max((max(self.work.get_submodule(p).weight.shape) for p in owners), default=1)
             if self.first_layer_cache is not None:  # the first layer's output per example, e.g. a feature map
                 widest = max(widest, self.first_layer_cache.base_outputs[self.primary][0][0].numel())
