@@ -19,9 +19,11 @@ import torch.nn.functional as F
 import ddp_worker
 from landscape.checkpoint import load_checkpoint
 from landscape.models import build_model
+from landscape.store import read_group
 from torchrun import WORKER, exit_codes, outputs, rank_logs, torchrun
 
-TWO = ("sgd", "sam", "sam_global", "rsam_global", "ssamf", "ssamd", "mrwp_parallel", "marwp_parallel", "bn_sam", "bn_mrwp_parallel", "resume_start")
+TWO = ("sgd", "sam", "sam_global", "rsam_global", "ssamf", "ssamd", "mrwp_parallel", "marwp_parallel", "bn_sam", "bn_mrwp_parallel", "resume_start",
+       "tracked")
 FOUR = ("sgd", "sam", "sam_group", "resume_finish")
 
 
@@ -192,6 +194,16 @@ def test_resume_on_four_ranks_continues_the_interrupted_two_rank_run(two_ranks, 
     assert len(results[0]["rows"]) == 2 * 6  # epochs 2 and 3 only, two passes per step
     assert not (four_ranks / "resume.pt.state").exists()
     assert load_checkpoint(four_ranks / "resume.pt").meta["extra"]["world_size"] == 4
+
+
+def test_tracking_under_torchrun_measures_on_every_rank_and_rank_0_writes_the_single_process_values(two_ranks):
+    results = outputs(two_ranks, "tracked", 2)
+    reference = single_process("tracked")["tracking"]
+    stored, _ = read_group(two_ranks / "tracked.h5", "training")
+    assert stored["done"].all() and list(stored["steps"]) == [2, 4, 6]
+    for arrays in (results[0]["tracking"], results[1]["tracking"], stored):
+        for name in ("eigenvalues", "trace", "loss", "lr", "threshold"):
+            assert torch.allclose(torch.as_tensor(arrays[name]), torch.as_tensor(reference[name]), rtol=1e-7), name
 
 
 def test_parallel_mrwp_on_two_ranks_reaches_95_percent_on_digits(tmp_path):
