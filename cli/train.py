@@ -63,7 +63,7 @@ def parse_opt_args(values: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--track", default=None, metavar="METRICS",
               help="Measure during training, on a fixed subset of the training split: any of lambda1 (top "
                    "Hessian eigenvalues, warm-started Lanczos), trace (Hutch++), loss; comma-separated.")
-@click.option("--track-every", default="50", show_default=True, metavar="N|Ne",
+@click.option("--track-every", default="200", show_default=True, metavar="N|Ne",
               help="Measure every N optimizer steps, or every N epochs with Ne (e.g. 2e).")
 @click.option("--track-subset", type=click.IntRange(min=0), default=128, show_default=True,
               help="Training examples the measurements use (seeded by --seed; 0: all).")

@@ -77,7 +77,7 @@ class Tracking:
     """
 
     metrics: tuple[str, ...] = ("lambda1",)
-    every: int | str = 50
+    every: int | str = 200
     subset: int | None = 128
     top_k: int = 1
     tol: float = 1e-2
