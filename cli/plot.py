@@ -11,7 +11,7 @@ import click
 @click.argument("results", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
 @click.option("--group", "groups", multiple=True, metavar="NAME",
               help="Only these groups (hessian, ggn, fisher, hessian_batches, ggn_batches, fisher_batches, surface, "
-                   "interpolation, radius, cosine, ratio). Repeatable.")
+                   "interpolation, radius, cosine, ratio, sharpness, training). Repeatable.")
 @click.option("--out-dir", default=None, type=click.Path(file_okay=False),
               help="Where figures go (default: next to the results file).")
 @click.option("--format", "fmt", default="png", show_default=True, type=click.Choice(["png", "pdf", "svg"]))

@@ -73,6 +73,8 @@ class TrainResult:
 
     ``metrics``: train/test accuracy (fraction) and mean cross-entropy, steps, seconds.
     ``history``: one dict per epoch with the mean training loss over its steps.
+    ``tracking``: the sharpness measured during training (``track=``), a
+    :class:`~landscape.tracking.TrainingResult`, or None.
     """
 
     model: nn.Module
@@ -80,6 +82,7 @@ class TrainResult:
     metrics: dict[str, Any]
     hparams: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
+    tracking: Any = None
 
 
 class TrainCallback(Protocol):
@@ -238,7 +241,8 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
                 momentum: float | None = None, opt_args: dict[str, Any] | None = None,
                 arch_kwargs: dict[str, Any] | None = None, cosine: bool = True, seed: int = 0,
                 device: str = "auto", out: str | None = None, resume: bool = False, overwrite: bool = False,
-                callbacks: Sequence[TrainCallback] = (), progress: Callable[..., Any] | None = None) -> TrainResult:
+                callbacks: Sequence[TrainCallback] = (), track: Any = None,
+                progress: Callable[..., Any] | None = None) -> TrainResult:
     """Train ``arch`` on ``data`` with the registered ``optimizer``; optionally write a checkpoint.
 
     ``lr``/``weight_decay``/``momentum`` override the optimizer's defaults (``None`` keeps them);
@@ -247,6 +251,9 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     per-step cosine decay to 0 when ``cosine``. ``seed`` fixes the model initialisation, the batch
     order and the optimizer's noise. ``progress(total, desc, unit)`` may return a tqdm-like bar
     (e.g. ``landscape.cli.common.progress``); ``callbacks`` see every step (:class:`TrainCallback`).
+    ``track`` (a :class:`landscape.tracking.Tracking`, or metrics such as ``"lambda1,loss"``) measures the
+    sharpness during training (:class:`landscape.tracking.SharpnessTracker`, a callback after the others)
+    into ``/training`` of ``track.out`` (default: ``out`` with the suffix ``.h5``), returned as ``tracking``.
 
     With ``out``, the training state goes to ``<out>.state`` at every epoch end; ``resume=True``
     continues the interrupted run from it (refused if the options or the data differ), and a run that
@@ -297,9 +304,16 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
     order = BatchOrder(len(dataset.x_train), batch_size, seed)
     name = list_optimizers(optimizer)[0].name
     path = state_path(out) if out is not None else None
-    config = None if path is None else _run_config(dataset, arch, saved_kwargs, name, record, epochs, batch_size,
-                                                   cosine, seed)
+    config = None if path is None and track is None else _run_config(dataset, arch, saved_kwargs, name, record,
+                                                                     epochs, batch_size, cosine, seed)
     saved = _training_state(path, config, resume, overwrite)
+    tracker = None
+    if track is not None:
+        from landscape.tracking import SharpnessTracker
+        tracker = SharpnessTracker(track, dataset, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                                   batch_size=batch_size, seed=seed)
+        _on_main(lambda: tracker.open(out, config, target, resume=resume, overwrite=overwrite))
+        callbacks = [*callbacks, tracker]
     first_epoch, history, seconds_before = 0, [], 0.0
     if saved is None:
         _seed_rank_generator(seed, 0)
@@ -367,6 +381,7 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
              "world_size": distributed.world_size()}
     if diverged is not None:
         extra["stopped_early"] = diverged
+    tracking = None if tracker is None else _on_main(lambda: tracker.finish(complete=diverged is None))
     if out is not None:
         def finish() -> None:
             save_checkpoint(out, model, arch=arch, arch_kwargs=saved_kwargs, dataset=dataset.spec, optimizer=name,
@@ -375,7 +390,7 @@ def train_model(data: str | Dataset = "digits", arch: str = "cnn", optimizer: st
         _on_main(finish)
     if diverged is not None:
         raise LandscapeError(_divergence_message(diverged, steps_per_epoch, out))
-    return TrainResult(model, opt, metrics, record, history)
+    return TrainResult(model, opt, metrics, record, history, tracking)
 
 
 def _data_parallel(model: nn.Module, device: torch.device) -> DistributedDataParallel:

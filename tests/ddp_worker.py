@@ -18,6 +18,7 @@ import torch
 import landscape.train
 from landscape import distributed
 from landscape.data import Dataset, load_dataset
+from landscape.tracking import Tracking
 from landscape.trajectory import TrajectoryWriter
 
 torch.set_num_threads(1)
@@ -39,6 +40,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                          "arch_kwargs": {"width": 2}, "float64": False},
     "resume_start": {"optimizer": "marwp", "opt_args": {"sigma": 0.3}, "epochs": 3, "interrupt_at": 4},
     "resume_finish": {"optimizer": "marwp", "opt_args": {"sigma": 0.3}, "epochs": 3, "resume": True},
+    "tracked": {"optimizer": "sgd", "epochs": 2, "track": {"metrics": "lambda1,trace,loss", "every": 2, "subset": 150,
+                                                           "top_k": 2, "tol": 1e-8, "trace_hvps": 9}},
 }
 
 
@@ -75,7 +78,8 @@ def dataset(float64: bool = True) -> Dataset:
 
 def train(optimizer: str, *, opt_args: dict[str, Any] | None = None, epochs: int = 1, cosine: bool = True,
           arch: str = "mlp", arch_kwargs: dict[str, Any] | None = None, float64: bool = True,
-          out: str | None = None, resume: bool = False, interrupt_at: int | None = None) -> dict[str, Any]:
+          out: str | None = None, resume: bool = False, interrupt_at: int | None = None,
+          track: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one scenario on this rank; returns what the tests compare."""
     rows: list[int] = []
     build = landscape.train.build_model
@@ -93,7 +97,8 @@ def train(optimizer: str, *, opt_args: dict[str, Any] | None = None, epochs: int
     try:
         result = landscape.train.train_model(dataset(float64), arch, optimizer, epochs=epochs, batch_size=100,
                                              opt_args=opt_args, arch_kwargs=arch_kwargs or MLP, cosine=cosine,
-                                             seed=0, device="cpu", out=out, resume=resume, callbacks=callbacks)
+                                             seed=0, device="cpu", out=out, resume=resume, callbacks=callbacks,
+                                             track=None if track is None else Tracking(**track))
     except Interrupted:
         return {"interrupted": True, "rows": rows, "calls": counter.calls}
     finally:
@@ -101,7 +106,9 @@ def train(optimizer: str, *, opt_args: dict[str, Any] | None = None, epochs: int
     return {"state": {name: tensor.clone() for name, tensor in result.model.state_dict().items()},
             "history": result.history, "metrics": {k: v for k, v in result.metrics.items() if k != "seconds"},
             "rows": rows, "calls": counter.calls, "steps": counter.steps,
-            "masks": result.optimizer.masks() if hasattr(result.optimizer, "masks") else None}
+            "masks": result.optimizer.masks() if hasattr(result.optimizer, "masks") else None,
+            "tracking": None if result.tracking is None else {name: torch.as_tensor(values) for name, values
+                                                              in result.tracking.arrays.items()}}
 
 
 def main(folder: str, names: list[str]) -> None:
@@ -109,6 +116,8 @@ def main(folder: str, names: list[str]) -> None:
         options = dict(SCENARIOS[name])
         if name.startswith("resume"):
             options["out"] = str(Path(folder) / "resume.pt")
+        if "track" in options:
+            options["track"] = {**options["track"], "out": str(Path(folder) / f"{name}.h5")}
         torch.save(train(**options), Path(folder) / f"{name}.rank{distributed.rank()}.pt")
 
 

@@ -20,9 +20,11 @@ import torch.nn.functional as F
 import ddp_worker
 from landscape.checkpoint import load_checkpoint
 from landscape.models import build_model
+from landscape.store import read_group
 from torchrun import WORKER, exit_codes, outputs, rank_logs, torchrun
 
-TWO = ("sgd", "sam", "sam_global", "rsam_global", "ssamf", "ssamd", "mrwp_parallel", "marwp_parallel", "bn_sam", "bn_mrwp_parallel", "resume_start")
+TWO = ("sgd", "sam", "sam_global", "rsam_global", "ssamf", "ssamd", "mrwp_parallel", "marwp_parallel", "bn_sam", "bn_mrwp_parallel", "resume_start",
+       "tracked")
 FOUR = ("sgd", "sam", "sam_group", "resume_finish")
 
 
@@ -204,6 +206,16 @@ def test_resume_on_four_ranks_continues_the_interrupted_two_rank_run(two_ranks, 
     for row, model_state in ((0, dict(initial.named_parameters())), (3, results[0]["state"])):
         expected = torch.cat([model_state[n].detach().reshape(-1) for n, _ in initial.named_parameters()]).float()
         assert torch.equal(torch.from_numpy(weights[row]), expected), f"snapshot {row}"
+
+
+def test_tracking_under_torchrun_measures_on_every_rank_and_rank_0_writes_the_single_process_values(two_ranks):
+    results = outputs(two_ranks, "tracked", 2)
+    reference = single_process("tracked")["tracking"]
+    stored, _ = read_group(two_ranks / "tracked.h5", "training")
+    assert stored["done"].all() and list(stored["steps"]) == [2, 4, 6]
+    for arrays in (results[0]["tracking"], results[1]["tracking"], stored):
+        for name in ("eigenvalues", "trace", "loss", "lr", "threshold"):
+            assert torch.allclose(torch.as_tensor(arrays[name]), torch.as_tensor(reference[name]), rtol=1e-7), name
 
 
 def test_parallel_mrwp_on_two_ranks_reaches_95_percent_on_digits(tmp_path):

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from landscape.curvature.operator import CurvatureOperator
+from landscape.errors import LandscapeError
 
 BASIS_BYTES = 2 * 2**30      # CPU memory allowed for Lanczos vectors (on CUDA: half the free memory)
 MAX_BASIS = 256              # most Lanczos vectors kept for the extreme eigenvalues
@@ -110,7 +111,8 @@ class Lanczos:
 
 
 def extreme_eigenpairs(operator: CurvatureOperator, top_k: int, bottom_k: int = 0, tol: float = 1e-4,
-                       max_products: int = 1000, seed: int = 0, eigenvectors: bool = False) -> dict[str, Any]:
+                       max_products: int = 1000, seed: int = 0, eigenvectors: bool = False,
+                       start: Tensor | None = None) -> dict[str, Any]:
     """The ``top_k`` largest and ``bottom_k`` smallest eigenvalues of ``operator`` by thick-restart Lanczos.
 
     A Ritz pair ``(theta, v)`` is converged when Lanczos' residual estimate ``beta |s_last|`` of
@@ -118,6 +120,11 @@ def extreme_eigenpairs(operator: CurvatureOperator, top_k: int, bottom_k: int = 
     of the compute dtype; the floor keeps eigenvalues near zero reachable), which bounds the
     eigenvalue error by the same amount. The run stops when every wanted pair is converged (or
     after ``max_products``); ``top_k + bottom_k`` more products (one batched pass) then *measure* the residuals.
+
+    ``start`` (a vector ``(d,)``, or a block ``(m, d)`` whose rows are summed, e.g. the previous top
+    eigenvectors) is the first Lanczos vector instead of a random one drawn with ``seed`` (which still
+    seeds any fresh direction after an invariant subspace); a warm start from nearby eigenvectors
+    converges in few products.
 
     Returns ``top``/``bottom`` (eigenvalues, descending / ascending), ``top_residuals``/``bottom_residuals``
     (measured ``||Av - theta v|| / |theta|``), ``top_converged``/``bottom_converged`` and, on request,
@@ -127,8 +134,11 @@ def extreme_eigenpairs(operator: CurvatureOperator, top_k: int, bottom_k: int = 
     vector_bytes = operator.dim * torch.finfo(operator.dtype).bits // 8
     capacity = min(operator.dim, MAX_BASIS, max(wanted + 16, basis_bytes(operator.device) // vector_bytes))
     generator = torch.Generator().manual_seed(seed)
-    start = torch.randn(1, operator.dim, generator=generator, dtype=torch.float64).to(operator.device, operator.dtype)
-    lanczos = Lanczos(start, capacity, generator)
+    if start is None:
+        start = torch.randn(1, operator.dim, generator=generator, dtype=torch.float64)
+    else:
+        start = _start_vector(start, operator.dim)
+    lanczos = Lanczos(start.to(operator.device, operator.dtype), capacity, generator)
     floor = math.sqrt(torch.finfo(operator.dtype).eps)
     begin = operator.products
     while True:
@@ -160,6 +170,21 @@ def measured_residuals(operator: CurvatureOperator, values: np.ndarray, vectors:
     products = operator.apply(vectors) - torch.as_tensor(values).to(vectors)[:, None] * vectors
     norms = torch.linalg.vector_norm(products, dim=1).double().cpu().numpy()
     return norms / np.maximum(np.abs(values), np.finfo(float).tiny)
+
+
+def _start_vector(start: Tensor, dim: int) -> Tensor:
+    """The sum of the rows of ``start`` (``(d,)`` or ``(m, d)``) as one start ``(1, d)``; refuses a wrong shape
+    and a zero or non-finite sum."""
+    rows = start.detach().reshape(1, -1) if start.ndim == 1 else start.detach()
+    if rows.ndim != 2 or rows.shape[1] != dim or not len(rows):
+        raise LandscapeError(f"a Lanczos start for a {dim}x{dim} operator is a ({dim},) vector or an (m, {dim}) "
+                             f"block, got shape {tuple(start.shape)}")
+    total = rows.sum(0, keepdim=True)
+    norm = float(torch.linalg.vector_norm(total))
+    if not math.isfinite(norm) or norm == 0.0:
+        raise LandscapeError(f"the Lanczos start vector has norm {norm}; give a finite, non-zero start "
+                             "(or none for a random one)")
+    return total
 
 
 def _restart_selection(size: int, top_k: int, bottom_k: int) -> np.ndarray:

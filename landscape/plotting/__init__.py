@@ -31,6 +31,7 @@ MODULES = {
     "cosine": "landscape.plotting.diagnostics",
     "ratio": "landscape.plotting.diagnostics",
     "sharpness": "landscape.plotting.sharpness",
+    "training": "landscape.plotting.training",
 }
 
 
