@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import ddp_worker
+from helpers import assert_close
 from landscape.checkpoint import load_checkpoint
 from landscape.models import build_model
 from landscape.store import read_group
@@ -57,10 +58,10 @@ def assert_same_on_every_rank(results: list[dict]) -> None:
             assert torch.equal(tensor, result["state"][name]), name
 
 
-def assert_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tolerance: float) -> None:
+def assert_states_close(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], tolerance: float) -> None:
+    """Every tensor of ``expected`` equals ``got``'s to ``tolerance`` absolute."""
     for name, tensor in expected.items():
-        assert torch.allclose(got[name].double(), tensor.double(), rtol=0, atol=tolerance), \
-            (name, float((got[name].double() - tensor.double()).abs().max()))
+        assert_close(got[name], tensor, 0.0, name, atol=tolerance)
 
 
 def shares(count: int, ranks: int) -> list[int]:
@@ -79,7 +80,7 @@ def test_sgd_on_ranks_takes_the_single_process_steps_on_the_global_batches(ranks
     results = outputs(two_ranks if ranks == 2 else four_ranks, "sgd", ranks)
     assert_same_on_every_rank(results)
     reference = single_process("sgd")
-    assert_close(results[0]["state"], reference["state"], 1e-12)
+    assert_states_close(results[0]["state"], reference["state"], 1e-12)
     assert [h["train_loss"] for h in results[0]["history"]] == pytest.approx(
         [h["train_loss"] for h in reference["history"]], abs=1e-6)
     assert results[0]["metrics"] == pytest.approx(reference["metrics"], abs=1e-6)  # float32 sums in evaluate
@@ -129,24 +130,24 @@ def replay_sam(ranks: int, group: int = 1, rho: float = 0.5, lr: float = 0.1, mo
 def test_sam_perturbs_each_rank_by_the_gradient_of_its_own_share(ranks, two_ranks, four_ranks):
     results = outputs(two_ranks if ranks == 2 else four_ranks, "sam", ranks)
     assert_same_on_every_rank(results)
-    assert_close(results[0]["state"], replay_sam(ranks), 1e-12)
+    assert_states_close(results[0]["state"], replay_sam(ranks), 1e-12)
     with pytest.raises(AssertionError):  # the global ascent direction is measurably different
-        assert_close(results[0]["state"], replay_sam(1), 1e-6)
+        assert_states_close(results[0]["state"], replay_sam(1), 1e-6)
 
 
 def test_group_sam_perturbs_each_group_of_ranks_by_the_gradient_of_its_rows(four_ranks):
     results = outputs(four_ranks, "sam_group", 4)
     assert_same_on_every_rank(results)
-    assert_close(results[0]["state"], replay_sam(4, group=2), 1e-12)
+    assert_states_close(results[0]["state"], replay_sam(4, group=2), 1e-12)
     with pytest.raises(AssertionError):
-        assert_close(results[0]["state"], replay_sam(4), 1e-6)
+        assert_states_close(results[0]["state"], replay_sam(4), 1e-6)
 
 
 @pytest.mark.parametrize("name", ["sam_global", "rsam_global"])
 def test_global_ascent_takes_the_single_process_step(name, two_ranks):
     results = outputs(two_ranks, name, 2)
     assert_same_on_every_rank(results)
-    assert_close(results[0]["state"], single_process(name)["state"], 1e-12)
+    assert_states_close(results[0]["state"], single_process(name)["state"], 1e-12)
 
 
 def test_ssam_masks_are_the_same_on_every_rank(two_ranks):
@@ -168,7 +169,7 @@ def test_parallel_mrwp_takes_the_single_process_step_with_the_same_batches_and_n
     assert_same_on_every_rank(results)
     options = ddp_worker.SCENARIOS[name]
     reference = single_process(name, opt_args={**options["opt_args"], "parallel": False})
-    assert_close(results[0]["state"], reference["state"], 1e-12)
+    assert_states_close(results[0]["state"], reference["state"], 1e-12)
     # rank 0 computes the clean gradient on B2, rank 1 the perturbed one on B1: one pass per step each
     steps = len(results[0]["steps"])
     assert len(results[0]["rows"]) == len(results[1]["rows"]) == steps
@@ -191,7 +192,7 @@ def test_resume_on_four_ranks_continues_the_interrupted_two_rank_run(two_ranks, 
     results = outputs(four_ranks, "resume_finish", 4)
     assert_same_on_every_rank(results)
     reference = single_process("resume_finish", resume=False)
-    assert_close(results[0]["state"], reference["state"], 1e-12)
+    assert_states_close(results[0]["state"], reference["state"], 1e-12)
     assert results[0]["steps"] == list(range(1, 10)) and results[0]["calls"] == 9  # the callback resumed too
     assert len(results[0]["rows"]) == 2 * 6  # epochs 2 and 3 only, two passes per step
     assert not (four_ranks / "resume.pt.state").exists()

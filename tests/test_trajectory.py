@@ -172,6 +172,10 @@ def test_pca_surface_equals_hand_built_perturbed_models(digits):
     assert result.attrs["trajectory_labels"] == ["sgd"]
     assert_close(result.attrs["explained_variance_ratio"], ratio, 1e-9, "explained variance ratio")
     assert "explained variance ratio" in result.summary()
+    figure = result.plot()   # the plane's axes name the components and the share of variance each explains
+    labels = {ax.get_xlabel() for ax in figure.axes} | {ax.get_ylabel() for ax in figure.axes}
+    assert f"x (PC1, {100 * ratio[0]:.1f}% of variance)" in labels
+    assert f"y (PC2, {100 * ratio[1]:.1f}% of variance)" in labels
 
 
 def test_covering_grid_spans_every_path_and_the_origin_with_a_margin(digits):

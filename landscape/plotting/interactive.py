@@ -53,7 +53,7 @@ def _curves(arrays: Mapping[str, Any], attrs: Mapping[str, Any], log_loss: bool)
             values = np.asarray(arrays[f"{split}_{what}"], dtype=np.float64)
             figure.add_trace(go.Scatter(x=x, y=_finite_or_none(values), mode="lines", name=split, legendgroup=split,
                                         showlegend=col == 1, line={"color": color}), row=1, col=col)
-    figure.update_xaxes(title_text="x (direction 1)")
+    figure.update_xaxes(title_text=data.axis_labels(attrs)[0])
     figure.update_yaxes(type="log" if log_loss else "linear", row=1, col=1)
     figure.update_layout(title=f"1-D loss slice: {data.subtitle(attrs)}")
     return figure
@@ -97,12 +97,13 @@ def surface_figure(arrays: Mapping[str, Any], attrs: Mapping[str, Any], log_loss
                                     legendgroup=path.label, line={"color": color, "width": 2},
                                     marker={"color": color, "size": 9, "symbol": symbols, "angleref": "previous"},
                                     text=hover, hoverinfo="text"), row=1, col=2)
+    xlabel, ylabel = data.axis_labels(attrs)
     figure.update_layout(title=f"{title}: {data.subtitle(attrs)}", height=600,
-                         scene={"xaxis_title": "x (direction 1)", "yaxis_title": "y (direction 2)",
+                         scene={"xaxis_title": xlabel, "yaxis_title": ylabel,
                                 "zaxis_title": title, "camera": {"eye": {"x": -1.3, "y": -1.5, "z": 1.6}}},
                          legend={"title": {"text": "trajectories"}, "x": 1.02, "y": 1.0})
-    figure.update_xaxes(title_text="x (direction 1)", row=1, col=2)
-    figure.update_yaxes(title_text="y (direction 2)", scaleanchor="x", scaleratio=1, row=1, col=2)
+    figure.update_xaxes(title_text=xlabel, row=1, col=2)
+    figure.update_yaxes(title_text=ylabel, scaleanchor="x", scaleratio=1, row=1, col=2)
     return figure
 
 

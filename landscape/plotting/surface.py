@@ -36,8 +36,8 @@ def _grid(arrays: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(np.asarray(arrays["xcoordinates"]), np.asarray(arrays["ycoordinates"]), indexing="ij")
 
 
-def _contour(ax, arrays: Mapping[str, Any], values: np.ma.MaskedArray, levels: np.ndarray, filled: bool,
-             line_color: str | None = None):
+def _contour(ax, arrays: Mapping[str, Any], attrs: Mapping[str, Any], values: np.ma.MaskedArray,
+             levels: np.ndarray, filled: bool, line_color: str | None = None):
     x, y = _grid(arrays)
     if filled:
         drawn = ax.contourf(x, y, values, levels=levels, cmap="viridis", extend="both")
@@ -46,7 +46,8 @@ def _contour(ax, arrays: Mapping[str, Any], values: np.ma.MaskedArray, levels: n
         drawn = ax.contour(x, y, values, levels=levels, linewidths=0.7 if line_color else 0.9, **colors)
         ax.clabel(drawn, drawn.levels[::2], inline=True, fontsize=7, fmt="%.3g")
     ax.plot(0, 0, "+", color="red", ms=9)
-    ax.set(xlabel="x (direction 1)", ylabel="y (direction 2)", aspect="equal")
+    xlabel, ylabel = data.axis_labels(attrs)
+    ax.set(xlabel=xlabel, ylabel=ylabel, aspect="equal")
     return drawn
 
 
@@ -97,7 +98,8 @@ def draw_surface(arrays: Mapping[str, Any], attrs: Mapping[str, Any], log_loss: 
     """2-D: labelled contours, filled contours and a 3-D surface of ``metric`` (``kind`` picks one);
     1-D: loss and accuracy along x."""
     if "ycoordinates" not in arrays:
-        figure, loss_ax, _ = _curve_figure([("", arrays, attrs)], "xcoordinates", "x (direction 1)", log_loss)
+        figure, loss_ax, _ = _curve_figure([("", arrays, attrs)], "xcoordinates", data.axis_labels(attrs)[0],
+                                           log_loss)
         figure.suptitle(f"1-D loss slice: {data.subtitle(attrs)}", fontsize=10)
         figure.tight_layout()
         return figure
@@ -117,7 +119,7 @@ def draw_surface(arrays: Mapping[str, Any], attrs: Mapping[str, Any], log_loss: 
             ax.set(xlabel="x", ylabel="y", zlabel=data.label(name, log_loss))
         else:
             ax = figure.add_subplot(1, len(kinds), i)
-            drawn = _contour(ax, arrays, values, steps, filled=which == "filled")
+            drawn = _contour(ax, arrays, attrs, values, steps, filled=which == "filled")
             _trajectories(ax, arrays, attrs)
             if which == "filled":
                 figure.colorbar(drawn, ax=ax, label=data.label(name, log_loss))
@@ -142,8 +144,8 @@ def compare_surface(entries: Sequence[Entry], log_loss: bool = False, metric: st
     steps = _levels(values, levels)
     figure, axes = plt.subplots(1, len(entries), figsize=(4.6 * len(entries) + 1, 4.4), squeeze=False)
     for k, (ax, (label, arrays, attrs), value) in enumerate(zip(axes[0], entries, values)):
-        drawn = _contour(ax, arrays, value, steps, filled=True)
-        _contour(ax, arrays, value, steps, filled=False, line_color="k")
+        drawn = _contour(ax, arrays, attrs, value, steps, filled=True)
+        _contour(ax, arrays, attrs, value, steps, filled=False, line_color="k")
         _trajectories(ax, arrays, attrs)
         ax.set_title(label)
         if k:

@@ -62,6 +62,16 @@ def subtitle(attrs: Mapping[str, Any]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def axis_labels(attrs: Mapping[str, Any]) -> tuple[str, str]:
+    """Labels of the plane's two axes: the principal components with their explained variance ratio
+    for a PCA plane (``explained_variance_ratio`` attribute), the directions otherwise."""
+    ratio = attrs.get("explained_variance_ratio")
+    if ratio is None:
+        return "x (direction 1)", "y (direction 2)"
+    return tuple(f"{axis} (PC{k + 1}, {100 * float(r):.1f}% of variance)"
+                 for k, (axis, r) in enumerate(zip("xy", ratio)))
+
+
 @dataclass(frozen=True)
 class Trajectory:
     """One optimizer's path on the plane: its label, coordinates (n,) and stored losses (n,) or None."""
