@@ -13,7 +13,11 @@ Sections (one function each, returning table rows; ``main`` writes them all with
   1-rank time / (2 x 2-rank time); goal >= 0.8. Also the all-reduce bytes per Hessian-vector product, the
   time spent in all-reduce per product (waiting for the other rank included) and every rank's CPU use.
 
-Each of these two rounds runs the 1-process measurement and then the 2-rank job, back to back, and
+- ``bound``: the same work (the forward of a surface point; a Hessian-vector product) alone and in two
+  independent processes at once, without torchrun or any communication: the share of two processes'
+  throughput this machine gives (two vCPUs of a shared host), the ceiling of both efficiencies above.
+
+Each of these rounds runs the 1-process measurement and then the 2-rank job, back to back, and
 records the load average before the round (above ~1 the other core was busy: the 2-rank job then shares
 a core with another program); ratios are medians over rounds, with their range.
 
@@ -234,6 +238,67 @@ def lanczos_run(name: str, out: str) -> None:
                                          "eigenvalues": result["eigenvalues"].tolist()}))
 
 
+BOUND_WORK = {"forward": 40, "hvp": 10}   # repetitions of each workload per process
+
+
+def bound_run(name: str, out: str) -> None:
+    """One process's share of the ``bound`` section: ``name`` is ``forward`` (the model's forward on the
+    1,437 images, what a surface point costs) or ``hvp`` (Hessian-vector products on them, what a Lanczos
+    step costs), repeated :data:`BOUND_WORK` times; writes the seconds and the CPU time / wall time."""
+    from landscape.curvature.hessian import HessianOperator
+    from landscape.objective import load_objective
+    objective = load_objective(str(CHECKPOINT), device="cpu", shard=False)
+    if name == "forward":
+        model, x = objective.model.eval(), objective.inputs
+
+        def work() -> None:
+            with torch.inference_mode():
+                model(x)
+    else:
+        operator = HessianOperator(objective)
+        vector = torch.randn(operator.shape[0], generator=torch.Generator().manual_seed(0))
+        operator @ vector   # builds the cached graphs, as Lanczos' first product does
+
+        def work() -> None:
+            operator @ vector
+    work()
+    cpu, began = time.process_time(), time.perf_counter()
+    for _ in range(BOUND_WORK[name]):
+        work()
+    seconds = time.perf_counter() - began
+    Path(out).write_text(json.dumps({"seconds": seconds, "cpu_use": (time.process_time() - cpu) / seconds}))
+
+
+def bound(configs: list[str], rounds: int) -> list[dict[str, Any]]:
+    """Section ``bound``: what this machine allows two processes. The same work alone and in two
+    independent processes at once (no torchrun, no communication): efficiency = time alone / time of the
+    slower of the two. No 2-rank job here can exceed it."""
+    rows = []
+    for name in BOUND_WORK:
+        efficiencies, alone_s, together_s = [], [], []
+        for _ in range(rounds):
+            with tempfile.TemporaryDirectory() as folder:
+                def start(k: int) -> subprocess.Popen:
+                    return subprocess.Popen([sys.executable, __file__, "--worker", "bound", "--setting", name,
+                                             "--out", str(Path(folder) / f"{k}.json")],
+                                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                start(0).wait()
+                alone = json.loads((Path(folder) / "0.json").read_text())["seconds"]
+                pair = [start(1), start(2)]
+                for process in pair:
+                    process.wait()
+                together = max(json.loads((Path(folder) / f"{k}.json").read_text())["seconds"] for k in (1, 2))
+            alone_s.append(alone)
+            together_s.append(together)
+            efficiencies.append(alone / together)
+            print(f"bound {name}: alone {alone:.2f} s, two at once {together:.2f} s: {efficiencies[-1]:.3f}", flush=True)
+        rows.append({"section": "bound", "setting": f"{name} x{BOUND_WORK[name]}, cnn, 1,437 digits",
+                     "one_process_s": statistics.median(alone_s), "two_processes_s": statistics.median(together_s),
+                     "efficiency": statistics.median(efficiencies), "efficiency_min": min(efficiencies),
+                     "efficiency_max": max(efficiencies), "rounds": rounds})
+    return rows
+
+
 def in_process(run, name: str) -> dict[str, Any]:
     """``run(name, out)`` in this process (one rank); what it wrote."""
     with tempfile.TemporaryDirectory() as folder:
@@ -297,7 +362,7 @@ def lanczos(configs: list[str], rounds: int) -> list[dict[str, Any]]:
 
 # section name -> (rows from the settings and rounds, the worker each rank runs under torchrun)
 SECTIONS = {"training": (training, training_worker), "surface": (surface, surface_run),
-            "lanczos": (lanczos, lanczos_run)}
+            "lanczos": (lanczos, lanczos_run), "bound": (bound, bound_run)}
 
 
 def main() -> None:

@@ -119,7 +119,8 @@ def main() -> None:
             "threads": args.threads, "tracking defaults": repr(Tracking()),
             "warm vs cold": "; ".join(" ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                                                for k, v in row.items()) for row in warm_cold)}
-    print(write_results("tracking" + ("_quick" if args.quick else ""), rows, meta))
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # plain training has no tracker columns
+    print(write_results("tracking" + ("_quick" if args.quick else ""), rows, meta, columns))
 
 
 if __name__ == "__main__":
